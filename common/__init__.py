@@ -1,0 +1,1 @@
+"""Shared networks, losses, metrics and data code for the multimodal MONAI bundles."""

@@ -1,0 +1,1 @@
+"""bundle of the shared code (import the modules directly, e.g. `from common.bundle.x import Y`)."""

@@ -1,0 +1,489 @@
+"""Datalists (Decathlon-style JSON) for the real layouts of the collection's datasets.
+
+A user brings a dataset in the layout it is distributed in; :func:`build_datalist` finds every case,
+reports every problem of the folder in one error, optionally reads every file to check it, and splits
+the cases deterministically. Layouts (``DIR`` is ``data_dir``):
+
+``brats2021``
+    ``DIR/BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
+``brats2023``
+    ``DIR/BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (any ``BraTS-<task>-N-N``
+    challenge prefix: GLI, MEN, MET, PED, SSA).
+``msd_task01``
+    Decathlon Task01_BrainTumour: ``DIR/dataset.json`` listing ``imagesTr/``, ``labelsTr/``, ``imagesTs/``;
+    one 4D image per case with channels FLAIR, T1w, T1gd, T2w.
+``mosmed``
+    MosMedData COVID19_1110: ``DIR/studies/CT-{0..4}/study_XXXX.nii.gz`` and lesion masks
+    ``DIR/masks/study_XXXX_mask.nii.gz``; other folders are ignored.
+``adni_pairs``
+    ``DIR/<subject>/<image_id>_mri_MNI152.nii.gz`` with ``<image_id>_FDG_MNI152.nii.gz``.
+
+Split rules, which a user must know:
+
+- Brain cases without a segmentation (BraTS validation downloads, MSD ``imagesTs``) go to ``testing``
+  only and have no ``label`` key.
+- MosMed studies with a mask are evaluation data: they are split between ``validation`` and
+  ``testing`` in the ratio ``val_fraction : test_fraction`` and never enter ``training``;
+  :func:`validate_datalist_no_leak` re-checks this when training starts.
+- ADNI pairs are split by subject, so that no subject is in two lists.
+- Fractions count cases (subjects for ``adni_pairs``). With 3 or more, every list whose fraction is
+  positive gets at least one.
+- With ``num_folds=K``: ``test_fraction`` of the cases is held out in ``testing``; the rest is dealt into
+  K folds, fold ``fold`` is ``validation`` and the others ``training``; those items carry ``"fold": k``
+  (``val_fraction`` is then used only for the MosMed masked studies, which stay in ``validation``).
+
+Paths in the datalist are relative to ``data_dir`` (POSIX separators), so the folder can move.
+MONAI's ``load_decathlon_datalist(..., base_dir=data_dir)`` resolves the ``image`` and ``label`` keys;
+the ADNI keys ``mri`` and ``pet`` are joined to the data folder by the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from monai.utils import optional_import
+
+from common.data.labels import BRAIN_MODALITIES, check_binary_mask, check_label_values
+from common.data.nifti import check_same_grid, load_nifti
+from common.errors import DataError
+from common.io import atomic_path
+
+tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+
+__all__ = [
+    "LAYOUTS",
+    "MSD_CHANNEL_ORDER",
+    "build_datalist",
+    "check_split_options",
+    "save_datalist",
+    "validate_datalist_no_leak",
+]
+
+#: Supported dataset layouts.
+LAYOUTS: tuple[str, ...] = ("brats2021", "brats2023", "msd_task01", "mosmed", "adni_pairs")
+
+#: Channel order of the MSD Task01 4D images (``common.data.labels.MSD_TO_STANDARD`` reorders them).
+MSD_CHANNEL_ORDER: tuple[str, str, str, str] = ("FLAIR", "T1w", "T1gd", "T2w")
+
+_LIST_KEYS = ("training", "validation", "testing")
+_NII = ".nii.gz"
+
+# BraTS: case folder pattern, separator before the file suffix, file suffix of each standard modality
+_BRATS: dict[str, tuple[re.Pattern[str], str, dict[str, str]]] = {
+    "brats2021": (re.compile(r"BraTS2021_\d+"), "_", {"t1c": "t1ce", "t1": "t1", "t2": "t2", "flair": "flair"}),
+    "brats2023": (
+        re.compile(r"BraTS-[A-Za-z]+-\d+-\d+"),
+        "-",
+        {"t1c": "t1c", "t1": "t1n", "t2": "t2w", "flair": "t2f"},
+    ),
+}
+_MOSMED_CATEGORY = re.compile(r"CT-[0-4]")
+_MOSMED_STUDY = re.compile(r"(study_\d+)\.nii\.gz")
+_MOSMED_MASK = re.compile(r"(study_\d+)_mask\.nii\.gz")
+_ADNI = re.compile(r"(.+)_(mri|FDG)_MNI152\.nii\.gz")
+
+# roles of a scanned case: may go anywhere / validation or testing only / testing only
+_ANY, _EVAL, _TEST = "any", "eval", "test"
+# what a scanner returns: (role, item) per case, the problems found, extra top-level datalist keys
+_Scan = tuple[list[tuple[str, dict[str, Any]]], list[DataError], dict[str, Any]]
+
+
+def _rel(*parts: str) -> str:
+    return "/".join(parts)
+
+
+def _subdirs(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_brats(layout: str, data_dir: str) -> _Scan:
+    pattern, sep, suffixes = _BRATS[layout]
+    cases, problems = [], []
+    for case in (d for d in _subdirs(data_dir) if pattern.fullmatch(d)):
+        names = {m: f"{case}{sep}{s}{_NII}" for m, s in suffixes.items()}
+        missing = [n for n in names.values() if not os.path.isfile(os.path.join(data_dir, case, n))]
+        problems += [DataError(case, f"missing {n}") for n in missing]
+        if missing:
+            continue
+        item: dict[str, Any] = {"case": case, "image": [_rel(case, names[m]) for m in BRAIN_MODALITIES]}
+        seg = f"{case}{sep}seg{_NII}"
+        if os.path.isfile(os.path.join(data_dir, case, seg)):
+            item["label"] = _rel(case, seg)
+        cases.append((_ANY if "label" in item else _TEST, item))
+    if not cases and not problems:
+        files = "{" + ",".join([*suffixes.values(), "seg"]) + "}"
+        example = (
+            "BraTS2021_XXXXX/BraTS2021_XXXXX_" if layout == "brats2021" else "BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-"
+        )
+        problems.append(DataError(data_dir, f"no {layout} case folder found (expected {example}{files}{_NII})"))
+    header = {"label_convention": layout, "modalities": list(BRAIN_MODALITIES)}
+    return cases, problems, header
+
+
+def _scan_msd(data_dir: str) -> _Scan:
+    json_path = os.path.join(data_dir, "dataset.json")
+    if not os.path.isfile(json_path):
+        raise DataError(json_path, "not found (expected a Decathlon Task01_BrainTumour folder)")
+    try:
+        with open(json_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise DataError(json_path, f"not a readable JSON file ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("training"), list):
+        raise DataError(json_path, 'no "training" list')
+    problems: list[DataError] = []
+    modality = meta.get("modality")
+    if isinstance(modality, dict):
+        found = [str(modality.get(str(i), "")) for i in range(len(modality))]
+        if [m.lower() for m in found] != [m.lower() for m in MSD_CHANNEL_ORDER]:
+            problems.append(DataError(json_path, f"modalities {found} differ from {list(MSD_CHANNEL_ORDER)}"))
+
+    def relative(entry: Any) -> str:
+        return os.path.normpath(str(entry)).replace(os.sep, "/")
+
+    cases = []
+    entries = [
+        ("training", i, *((e.get("image"), e.get("label")) if isinstance(e, dict) else (None, None)))
+        for i, e in enumerate(meta["training"])
+    ]
+    entries += [
+        ("test", i, e.get("image") if isinstance(e, dict) else e, None) for i, e in enumerate(meta.get("test") or [])
+    ]
+    for list_name, i, image, label in entries:
+        if image is None or (list_name == "training" and label is None):
+            problems.append(DataError(json_path, f'entry {i} of "{list_name}" lacks an image or a label path'))
+            continue
+        item: dict[str, Any] = {"case": os.path.basename(relative(image)).removesuffix(_NII)}
+        item["image"] = relative(image)
+        if label is not None:
+            item["label"] = relative(label)
+        item["channel_order"] = list(MSD_CHANNEL_ORDER)
+        missing = [item[k] for k in ("image", "label") if k in item and not os.path.isfile(_abs(data_dir, item[k]))]
+        problems += [DataError(item["case"], f"missing {m}") for m in missing]
+        if not missing:
+            cases.append((_ANY if label is not None else _TEST, item))
+    if not cases and not problems:
+        problems.append(DataError(json_path, "lists no case"))
+    header = {"label_convention": "msd_task01", "modalities": list(BRAIN_MODALITIES)}
+    header["channel_order"] = list(MSD_CHANNEL_ORDER)
+    return cases, problems, header
+
+
+def _scan_mosmed(data_dir: str) -> _Scan:
+    studies_dir = os.path.join(data_dir, "studies")
+    if not os.path.isdir(studies_dir):
+        raise DataError(data_dir, "no studies/ folder (expected studies/CT-0..CT-4/study_XXXX.nii.gz)")
+    problems: list[DataError] = []
+    found: dict[str, dict[str, Any]] = {}
+    for category in (d for d in _subdirs(studies_dir) if _MOSMED_CATEGORY.fullmatch(d)):
+        for name in sorted(os.listdir(os.path.join(studies_dir, category))):
+            match = _MOSMED_STUDY.fullmatch(name)
+            if not match:
+                continue
+            study = match.group(1)
+            if study in found:
+                problems.append(DataError(study, f"in both {found[study]['category']} and {category}"))
+                continue
+            found[study] = {"case": study, "image": _rel("studies", category, name), "category": category}
+    masks_dir = os.path.join(data_dir, "masks")
+    for name in sorted(os.listdir(masks_dir)) if os.path.isdir(masks_dir) else []:
+        match = _MOSMED_MASK.fullmatch(name)
+        if not match:
+            continue
+        if match.group(1) not in found:
+            problems.append(DataError(_rel("masks", name), f"no matching study studies/CT-*/{match.group(1)}{_NII}"))
+        else:
+            found[match.group(1)]["label"] = _rel("masks", name)
+    if not found and not problems:
+        problems.append(DataError(data_dir, "no study found (expected studies/CT-0..CT-4/study_XXXX.nii.gz)"))
+    cases = [(_EVAL if "label" in item else _ANY, item) for item in found.values()]
+    return cases, problems, {}
+
+
+def _scan_adni(data_dir: str) -> _Scan:
+    cases, problems = [], []
+    seen: dict[str, str] = {}
+    for subject in _subdirs(data_dir):
+        pairs: dict[str, dict[str, str]] = {}
+        for name in sorted(os.listdir(os.path.join(data_dir, subject))):
+            match = _ADNI.fullmatch(name)
+            if match:
+                pairs.setdefault(match.group(1), {})[match.group(2)] = name
+        if not pairs:
+            problems.append(DataError(subject, f"no <image_id>_mri_MNI152{_NII} / <image_id>_FDG_MNI152{_NII} pair"))
+        for image_id, files in sorted(pairs.items()):
+            missing = [f"{image_id}_{k}_MNI152{_NII}" for k in ("mri", "FDG") if k not in files]
+            problems += [DataError(f"{subject}/{image_id}", f"missing {m}") for m in missing]
+            if image_id in seen:
+                problems.append(DataError(image_id, f"in both subjects {seen[image_id]} and {subject}"))
+            seen[image_id] = subject
+            if not missing:
+                item = {"case": image_id, "subject": subject}
+                item |= {"mri": _rel(subject, files["mri"]), "pet": _rel(subject, files["FDG"])}
+                cases.append((_ANY, item))
+    if not cases and not problems:
+        problems.append(
+            DataError(data_dir, f"no subject folder found (expected <subject>/<image_id>_mri_MNI152{_NII})")
+        )
+    return cases, problems, {}
+
+
+def _abs(data_dir: str, rel: str) -> str:
+    return os.path.join(data_dir, *rel.split("/"))
+
+
+def _check_case(layout: str, data_dir: str, item: Mapping[str, Any]) -> list[DataError]:
+    """Read every file of one case; return its problems (dimensionality, values, NaN/Inf, grid)."""
+    if layout == "adni_pairs":
+        images = [item["mri"], item["pet"]]
+    else:
+        images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+    shape = {"ndim": 4, "channels": len(MSD_CHANNEL_ORDER)} if layout == "msd_task01" else {"ndim": 3}
+    paths = [_abs(data_dir, p) for p in images]
+    problems = []
+    for path in paths:
+        try:
+            load_nifti(path, **shape)
+        except DataError as err:
+            problems.append(err)
+    if "label" in item:
+        paths.append(_abs(data_dir, item["label"]))
+        try:
+            label = load_nifti(paths[-1], ndim=3)[0]
+            if layout == "mosmed":
+                check_binary_mask(label, paths[-1])
+            else:
+                check_label_values(label, layout, paths[-1])
+        except DataError as err:
+            problems.append(err)
+    if not problems:
+        try:
+            check_same_grid(paths)
+        except DataError as err:
+            problems.append(err)
+    return problems
+
+
+def check_split_options(
+    layout: str, val_fraction: float, test_fraction: float, num_folds: int | None, fold: int
+) -> None:
+    """Raise ``ValueError`` with a clear message if the layout or split options are invalid."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if num_folds is None and val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+    if num_folds is not None and (int(num_folds) != num_folds or num_folds < 2):
+        raise ValueError(f"num_folds must be an integer >= 2 or None, got {num_folds}")
+    if num_folds is not None and not (int(fold) == fold and 0 <= fold < num_folds):
+        raise ValueError(f"fold must be an integer in [0, {num_folds}), got {fold}")
+
+
+def _take(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """How many of ``n`` groups each fraction gets (training keeps the rest).
+
+    When ``n > len(fractions)``, every positive fraction gets at least one and training keeps at least one.
+    """
+    counts = [round(n * f) for f in fractions]
+    if n >= len(fractions) + 1:
+        counts = [max(c, 1) if f > 0 else c for c, f in zip(counts, fractions)]
+    while sum(counts) >= n and n > 0 and max(counts) > 0:
+        floor = 1 if n >= len(fractions) + 1 else 0
+        i = max(range(len(counts)), key=lambda j: counts[j])
+        if counts[i] <= floor:
+            break
+        counts[i] -= 1
+    return counts
+
+
+def _split(
+    groups: list[str],
+    rng: random.Random,
+    val_fraction: float,
+    test_fraction: float,
+    num_folds: int | None,
+    fold: int,
+    data_dir: str,
+) -> dict[str, tuple[str, int | None]]:
+    """Assign each group (case or subject) to (list name, fold or None)."""
+    order = sorted(set(groups))
+    rng.shuffle(order)
+    if num_folds is None:
+        n_val, n_test = _take(len(order), (val_fraction, test_fraction))
+        out = {g: ("testing", None) for g in order[:n_test]}
+        out |= {g: ("validation", None) for g in order[n_test : n_test + n_val]}
+        return out | {g: ("training", None) for g in order[n_test + n_val :]}
+    (n_test,) = _take(len(order), (test_fraction,))
+    if len(order) - n_test < num_folds:
+        raise DataError(data_dir, f"{len(order) - n_test} cases outside testing cannot fill {num_folds} folds")
+    out = {g: ("testing", None) for g in order[:n_test]}
+    for i, g in enumerate(order[n_test:]):
+        out[g] = ("validation" if i % num_folds == fold else "training", i % num_folds)
+    return out
+
+
+def _split_evaluation(
+    groups: list[str], rng: random.Random, val_fraction: float, test_fraction: float
+) -> dict[str, tuple[str, None]]:
+    """Split evaluation-only groups (masked MosMed studies) between validation and testing, never training."""
+    order = sorted(set(groups))
+    rng.shuffle(order)
+    if val_fraction == 0:
+        n_test = len(order)
+    elif test_fraction == 0:
+        n_test = 0
+    else:
+        (n_test,) = _take(len(order), (test_fraction / (val_fraction + test_fraction),))
+    return {g: ("testing" if i < n_test else "validation", None) for i, g in enumerate(order)}
+
+
+def build_datalist(
+    layout: str,
+    data_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.1,
+    num_folds: int | None = None,
+    fold: int = 0,
+    check_data: bool = True,
+    progress: bool = True,
+    num_workers: int = 1,
+) -> dict[str, Any]:
+    """Scan ``data_dir`` in ``layout``, check it, and split its cases into training, validation and testing.
+
+    Every problem of the folder (missing files, and with ``check_data`` every unreadable, truncated,
+    wrongly shaped, non-finite, off-grid or wrongly labelled file) is collected in one pass and raised as
+    one :class:`~common.errors.DataError` listing each (``"BraTS2021_00003: missing
+    BraTS2021_00003_t2.nii.gz; ..."``); a single problem is raised with its own file as the path.
+
+    Args:
+        layout: one of :data:`LAYOUTS`.
+        data_dir: the dataset folder.
+        seed: seed of the split; the result is a function of (files found, seed, fractions, folds).
+        val_fraction: fraction of the cases in ``validation`` (ignored for the folds with ``num_folds``).
+        test_fraction: fraction of the cases held out in ``testing``.
+        num_folds: ``None`` for a single split, or K >= 2 for K-fold cross-validation.
+        fold: the fold used as ``validation`` (``0 <= fold < num_folds``).
+        check_data: read every file with :func:`~common.data.nifti.load_nifti` and check it.
+        progress: show a progress bar on stderr while checking (only on a terminal; it is cleared when done).
+        num_workers: threads reading files while checking (decompression releases the GIL).
+
+    Returns:
+        ``{"layout", ["label_convention", "modalities" (brain), "channel_order" (MSD)], "seed",
+        ["num_folds", "fold"], "training", "validation", "testing"}``; items are sorted by case id.
+        Item keys: BraTS ``case, image (t1c, t1, t2, flair), label``; MSD ``case, image, label,
+        channel_order``; MosMed ``case, image, category, label (masked studies)``; ADNI
+        ``case, subject, mri, pet``.
+    """
+    check_split_options(layout, val_fraction, test_fraction, num_folds, fold)
+    num_folds, fold = (None if num_folds is None else int(num_folds)), int(fold)
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise DataError(data_dir, "data folder not found")
+    scanners: dict[str, Callable[[str], _Scan]] = {
+        "brats2021": lambda d: _scan_brats("brats2021", d),
+        "brats2023": lambda d: _scan_brats("brats2023", d),
+        "msd_task01": _scan_msd,
+        "mosmed": _scan_mosmed,
+        "adni_pairs": _scan_adni,
+    }
+    cases, problems, header = scanners[layout](data_dir)
+    if check_data and cases:
+        items = [item for _, item in cases]
+        with ThreadPoolExecutor(max(1, int(num_workers))) as pool:
+            results = pool.map(lambda item: _check_case(layout, data_dir, item), items)
+            if progress and has_tqdm:
+                results = tqdm(
+                    results,
+                    total=len(items),
+                    desc=f"checking {layout}",
+                    unit="case",
+                    file=sys.stderr,
+                    leave=False,
+                    disable=None,
+                )
+            for found in results:
+                problems += found
+    _raise_problems(data_dir, problems)
+
+    group_of = (lambda it: it["subject"]) if layout == "adni_pairs" else (lambda it: it["case"])
+    rng = random.Random(seed)
+    assignment: dict[str, tuple[str, int | None]] = {}
+    trainable = [group_of(it) for r, it in cases if r == _ANY]
+    assignment |= _split(trainable, rng, val_fraction, test_fraction, num_folds, fold, data_dir)
+    evaluation = [group_of(it) for r, it in cases if r == _EVAL]
+    assignment |= _split_evaluation(evaluation, rng, val_fraction, test_fraction)
+    assignment |= {group_of(it): ("testing", None) for r, it in cases if r == _TEST}
+
+    datalist: dict[str, Any] = {"layout": layout, **header, "seed": seed}
+    if num_folds is not None:
+        datalist |= {"num_folds": num_folds, "fold": fold}
+    datalist |= {key: [] for key in _LIST_KEYS}
+    for _, item in sorted(cases, key=lambda c: c[1]["case"]):
+        target, k = assignment[group_of(item)]
+        datalist[target].append(item if k is None else {**item, "fold": k})
+    return datalist
+
+
+def _raise_problems(data_dir: str, problems: list[DataError]) -> None:
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise DataError(data_dir, f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
+
+
+def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, data_dir: str | None = None) -> None:
+    """Raise :class:`~common.errors.DataError` if evaluation data could leak into training.
+
+    Checked for every layout: no case (no subject for ``adni_pairs``) is in two of training, validation,
+    testing. For ``mosmed`` datalists (``"layout": "mosmed"``) also: no training item has a ``label``, and,
+    if ``data_dir`` is given, no training study has a mask ``masks/<study>_mask.nii.gz`` on disk (the
+    masks are the only ground truth; training the GAN on them would inflate every reported number).
+
+    Args:
+        datalist: the datalist dict, or the path of its JSON file (then named in the error).
+        data_dir: the dataset folder, to look for masks on disk.
+    """
+    name = "datalist"
+    if not isinstance(datalist, Mapping):
+        name = os.fspath(datalist)
+        try:
+            with open(name) as f:
+                datalist = json.load(f)
+        except (OSError, ValueError) as err:
+            raise DataError(name, f"not a readable datalist JSON ({err})") from err
+    layout = datalist.get("layout")
+    key = "subject" if layout == "adni_pairs" else "case"
+    problems, where = [], {}
+    for list_name in _LIST_KEYS:
+        for item in datalist.get(list_name, []):
+            group = item.get(key, item.get("case"))
+            if group in where and where[group] != list_name:
+                problems.append(f"{key} {group} is in both {where[group]} and {list_name}")
+            where.setdefault(group, list_name)
+    if layout == "mosmed":
+        for item in datalist.get("training", []):
+            if "label" in item:
+                problems.append(f"training study {item.get('case')} has a label ({item['label']})")
+            mask = _rel("masks", f"{item.get('case')}_mask{_NII}")
+            if data_dir is not None and os.path.isfile(_abs(os.fspath(data_dir), mask)):
+                problems.append(f"training study {item.get('case')} has a mask {mask}")
+    if problems:
+        raise DataError(name, "evaluation data in training: " + "; ".join(problems))
+
+
+def save_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``datalist`` as indented JSON, atomically (no partial file on failure)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(datalist, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,67 @@
+"""Reading the collection's Decathlon-style datalists from bundle configs.
+
+Why not ``monai.data.load_decathlon_datalist``: it joins ``base_dir`` only onto ``image`` and ``label``, while
+the collection's datalists also carry ``mri``/``pet`` paths (ADNI pairs) and dataset-level facts (layout,
+label convention, MSD channel order) that the bundles' transforms need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from common.data.labels import MSD_TO_STANDARD
+from common.errors import DataError
+
+PATH_KEYS = ("image", "label", "mri", "pet")
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except FileNotFoundError as err:
+        raise DataError(path, "datalist not found (write one with tools/prepare_datalist.py)") from err
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"not a JSON datalist: {err}") from err
+    if not isinstance(content, dict):
+        raise DataError(path, "a datalist must be a JSON object with 'training'/'validation'/'testing' lists")
+    return content
+
+
+def load_datalist(path: str, list_key: str, base_dir: str) -> list[dict[str, Any]]:
+    """Items of ``list_key`` with every path key (``image``, ``label``, ``mri``, ``pet``) joined onto ``base_dir``.
+
+    ``image`` may be a list (one file per modality); each entry is joined. An absent list raises
+    :class:`~common.errors.DataError`; an empty one is returned empty.
+    """
+    content = _read(path)
+    if list_key not in content:
+        raise DataError(path, f"datalist has no {list_key!r} list (keys: {sorted(content)})")
+    items = []
+    for item in content[list_key]:
+        item = dict(item)
+        for key in PATH_KEYS:
+            if key in item:
+                value = item[key]
+                item[key] = (
+                    [os.path.join(base_dir, v) for v in value]
+                    if isinstance(value, list)
+                    else os.path.join(base_dir, value)
+                )
+        items.append(item)
+    return items
+
+
+def datalist_info(path: str) -> dict[str, Any]:
+    """Dataset-level facts a bundle needs: ``layout``, ``label_convention`` and ``channel_reorder``.
+
+    ``channel_reorder`` is the index order that brings the image channels to the collection's T1c, T1, T2,
+    FLAIR (``None`` when they already are, as for the BraTS layouts).
+    """
+    content = _read(path)
+    layout = content.get("layout")
+    convention = content.get("label_convention", "msd_task01" if layout == "msd_task01" else layout)
+    reorder = list(MSD_TO_STANDARD) if layout == "msd_task01" else None
+    return {"layout": layout, "label_convention": convention, "channel_reorder": reorder}

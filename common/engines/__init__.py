@@ -1,0 +1,1 @@
+"""Ignite handlers and inferers used by the bundles where MONAI's own do not fit."""

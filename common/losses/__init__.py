@@ -1,0 +1,1 @@
+"""losses of the shared code (import the modules directly, e.g. `from common.losses.x import Y`)."""

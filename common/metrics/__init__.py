@@ -1,0 +1,1 @@
+"""metrics of the shared code (import the modules directly, e.g. `from common.metrics.x import Y`)."""
