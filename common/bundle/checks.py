@@ -160,11 +160,14 @@ def check_net_in_out(bundle_dir: str) -> None:
             raise _fail(bundle_dir, f"network input/output disagree with configs/metadata.json: {err}") from err
 
 
-def check_export(bundle_dir: str, ckpt_file: str, work_dir: str, atol: float = 1e-4) -> str:
+def check_export(bundle_dir: str, ckpt_file: str, work_dir: str, overrides: dict[str, Any] | None = None,
+                 atol: float = 1e-4) -> str:
     """``monai.bundle ckpt_export`` to TorchScript; the exported module's output equals eager's.
 
-    Returns the path of the exported ``.ts`` file.
+    ``overrides`` (e.g. ``{"network_def#features": [...]}``) make the network match a checkpoint trained with a
+    smaller test configuration. Returns the path of the exported ``.ts`` file.
     """
+    overrides = dict(overrides or {})
     from monai.bundle import ConfigParser, ckpt_export
 
     ts_file = os.path.join(work_dir, "model.ts")
@@ -268,7 +271,9 @@ def check_bundle(bundle_dir: str, work_dir: str) -> PipelineResult:
     if not os.path.isfile(ckpt):
         raise _fail(bundle_dir, f"training saved no {ckpt}")
     check_inference_outputs(bundle_dir, result)
-    check_export(bundle_dir, ckpt, work_dir)
+    infer_stage = next(s for s in load_pipeline(bundle_dir)["stages"] if s["name"] == "inference")
+    net_overrides = {k: v for k, v in stage_overrides(infer_stage, "test").items() if k.startswith("network_def")}
+    check_export(bundle_dir, ckpt, work_dir, net_overrides)
     check_properties(
         bundle_dir,
         {

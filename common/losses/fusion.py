@@ -1,0 +1,124 @@
+"""Unsupervised MRI-PET fusion loss of DC2Fusion (Liu et al., ICONIP 2023, arXiv 2310.06291).
+
+The fused volume ``F`` is pulled towards both sources by local correlation, structure and intensity::
+
+    L = a1 LNCC(F, MRI) + a2 LNCC(F, PET) + b1 (1 - SSIM(F, MRI)) + b2 (1 - SSIM(F, PET))
+        + g1 |F - MRI|_1 + g2 |F - PET|_1,      a1 = b1 = g1 = 2, a2 = b2 = g2 = 1.
+
+Built from MONAI's :class:`~monai.losses.LocalNormalizedCrossCorrelationLoss` and :class:`~monai.losses.SSIMLoss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import LocalNormalizedCrossCorrelationLoss, SSIMLoss
+
+__all__ = ["DC2FusionLoss"]
+
+TERM_NAMES = ("lncc_mri", "lncc_pet", "ssim_mri", "ssim_pet", "l1_mri", "l1_pet")
+
+
+class DC2FusionLoss(nn.Module):
+    """DC2Fusion loss: ``(fused, mri, pet)``, each ``(B, C, D, H, W)`` (or ``(B, C, H, W)`` with
+    ``spatial_dims=2``) -> scalar.
+
+    Sign convention of the LNCC terms: MONAI's ``LocalNormalizedCrossCorrelationLoss`` returns
+    ``-mean(LNCC^2)`` (the squared local correlation, in [-1, 0], -1 for a perfect match). With
+    ``lncc_offset=True`` (default) each LNCC term is ``1 + that = 1 - mean(LNCC^2)`` in [0, 1], so every term is
+    a non-negative distance and the loss is 0 when ``F == MRI == PET`` (for textured images; flat windows have
+    zero correlation in MONAI's formula and keep the term above 0). The offset is a constant ``a1 + a2``: the
+    gradients equal those of the paper's form, which ``lncc_offset=False`` reproduces.
+
+    The unweighted terms of the last call are kept, detached, in :attr:`last_terms` (keys ``lncc_mri``,
+    ``lncc_pet``, ``ssim_mri``, ``ssim_pet`` (these two are ``1 - SSIM``), ``l1_mri``, ``l1_pet``) for logging;
+    :meth:`terms` returns them with gradients.
+
+    Args:
+        alpha1: weight of LNCC(F, MRI) (default 2).
+        alpha2: weight of LNCC(F, PET) (default 1).
+        beta1: weight of 1 - SSIM(F, MRI) (default 2).
+        beta2: weight of 1 - SSIM(F, PET) (default 1).
+        gamma1: weight of the mean absolute error to the MRI (default 2).
+        gamma2: weight of the mean absolute error to the PET (default 1).
+        spatial_dims: 3 (default) or 2.
+        ncc_kernel_size: odd LNCC window edge in voxels (default 9, the VoxelMorph convention).
+        ncc_kernel_type: ``"rectangular"`` (default), ``"triangular"`` or ``"gaussian"``.
+        ssim_win: SSIM window edge in voxels (default 11, Wang et al. 2004); every spatial size must be at least
+            this.
+        ssim_sigma: standard deviation of the Gaussian SSIM window (default 1.5).
+        data_range: intensity range of the images for SSIM (default 1.0, inputs scaled to [0, 1]).
+        lncc_offset: report LNCC terms as ``1 - LNCC^2`` (default True) instead of MONAI's ``-LNCC^2``.
+    """
+
+    def __init__(
+        self,
+        alpha1: float = 2.0,
+        alpha2: float = 1.0,
+        beta1: float = 2.0,
+        beta2: float = 1.0,
+        gamma1: float = 2.0,
+        gamma2: float = 1.0,
+        spatial_dims: int = 3,
+        ncc_kernel_size: int = 9,
+        ncc_kernel_type: str = "rectangular",
+        ssim_win: int = 11,
+        ssim_sigma: float = 1.5,
+        data_range: float = 1.0,
+        lncc_offset: bool = True,
+    ) -> None:
+        super().__init__()
+        named = {"alpha1": alpha1, "alpha2": alpha2, "beta1": beta1, "beta2": beta2, "gamma1": gamma1, "gamma2": gamma2}
+        negative = {name: w for name, w in named.items() if w < 0}
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, got {negative}.")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if ncc_kernel_size < 1 or ncc_kernel_size % 2 == 0:
+            raise ValueError(f"ncc_kernel_size must be a positive odd number, got {ncc_kernel_size}.")
+        if ssim_win < 1:
+            raise ValueError(f"ssim_win must be positive, got {ssim_win}.")
+        if ssim_sigma <= 0 or data_range <= 0:
+            raise ValueError(f"ssim_sigma and data_range must be positive, got {ssim_sigma} and {data_range}.")
+        self.weights = {term: float(w) for term, w in zip(TERM_NAMES, named.values())}
+        self.spatial_dims = spatial_dims
+        self.ssim_win = ssim_win
+        self.lncc_offset = lncc_offset
+        self.lncc = LocalNormalizedCrossCorrelationLoss(
+            spatial_dims=spatial_dims, kernel_size=ncc_kernel_size, kernel_type=ncc_kernel_type
+        )
+        self.ssim = SSIMLoss(
+            spatial_dims=spatial_dims, data_range=data_range, win_size=ssim_win, kernel_sigma=ssim_sigma
+        )
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def _check(self, fused: torch.Tensor, mri: torch.Tensor, pet: torch.Tensor) -> None:
+        if fused.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected (B, C, {self.spatial_dims} spatial axes), got fused of shape {tuple(fused.shape)}."
+            )
+        if mri.shape != fused.shape or pet.shape != fused.shape:
+            raise ValueError(
+                f"fused, mri and pet must share one shape, got {tuple(fused.shape)}, {tuple(mri.shape)}, {tuple(pet.shape)}."
+            )
+        if min(fused.shape[2:]) < self.ssim_win:
+            raise ValueError(f"spatial size {tuple(fused.shape[2:])} is smaller than the SSIM window {self.ssim_win}.")
+
+    def terms(self, fused: torch.Tensor, mri: torch.Tensor, pet: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The six unweighted terms (scalars with gradients), keyed as in :attr:`last_terms`."""
+        self._check(fused, mri, pet)
+        offset = 1.0 if self.lncc_offset else 0.0
+        return {
+            "lncc_mri": offset + self.lncc(fused, mri),
+            "lncc_pet": offset + self.lncc(fused, pet),
+            "ssim_mri": self.ssim(fused, mri),
+            "ssim_pet": self.ssim(fused, pet),
+            "l1_mri": F.l1_loss(fused, mri),
+            "l1_pet": F.l1_loss(fused, pet),
+        }
+
+    def forward(self, fused: torch.Tensor, mri: torch.Tensor, pet: torch.Tensor) -> torch.Tensor:
+        terms = self.terms(fused, mri, pet)
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        return torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()

@@ -1,0 +1,278 @@
+"""DC2Fusion: unsupervised 3D MRI-PET fusion with a shared-weight, dual-stream deformable cross-attention encoder.
+
+Liu et al., "DC2Fusion: Deformable Cross-modality Convolution and Cross-attention for 3D MRI-PET fusion",
+ICONIP 2023 (arXiv 2310.06291). See :mod:`common.networks.blocks.deformable_cross_attention` for the DCFB block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks.patchembedding import PatchEmbed
+from monai.networks.blocks.unetr_block import UnetrUpBlock
+
+from common.networks.blocks.deformable_cross_attention import DeformableCrossFeatureBlendBlock
+
+__all__ = ["DC2Fusion", "l1_weighted_fusion"]
+
+
+def l1_weighted_fusion(f1: torch.Tensor, f2: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1-norm weighted fusion of two feature maps: ``(B, C, *S) x 2 -> (B, C, *S), (B, 2, *S)``.
+
+    ``F = w_1 f_1 + w_2 f_2`` with, per voxel, ``n_i = ||f_i||_1`` (sum of absolute values over channels) and
+    ``w_i = (n_i + eps) / ((n_1 + eps) + (n_2 + eps))``. The weights are positive and sum to 1 at every voxel;
+    ``eps`` only matters where both maps vanish (there ``w_1 = w_2 = 1/2``), and equal maps get exactly equal
+    weights, so ``f_1 == f_2`` gives ``F == f_1``. The paper writes the unnormalised ``n_1 f_1 + n_2 f_2``; the
+    normalised form keeps ``F`` on the scale of the ``f_i``.
+
+    Returns:
+        the fused map and the weights ``cat(w_1, w_2)`` along the channel axis.
+    """
+    if f1.shape != f2.shape or f1.ndim < 3:
+        raise ValueError(f"f1 and f2 must share a (B, C, ...) shape, got {tuple(f1.shape)} and {tuple(f2.shape)}.")
+    if eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps}.")
+    n1 = f1.abs().sum(dim=1, keepdim=True) + eps
+    n2 = f2.abs().sum(dim=1, keepdim=True) + eps
+    total = n1 + n2
+    w1, w2 = n1 / total, n2 / total
+    return w1 * f1 + w2 * f2, torch.cat((w1, w2), dim=1)
+
+
+class DC2Fusion(nn.Module):
+    """DC2Fusion network: an MRI and a PET volume -> one fused volume, ``(B, 1, D, H, W) x 2 -> (B, 1, D, H, W)``.
+
+    Liu et al., ICONIP 2023 (arXiv 2310.06291); 3D only.
+
+    Encoder (one set of weights for both streams): patch embedding (Conv3d, kernel = stride = ``patch_size``,
+    then LayerNorm; MONAI's ``PatchEmbed``) and ``len(depths)`` stages; stage ``i > 0`` starts with patch merging
+    (Conv3d kernel 2 stride 2 + LayerNorm, again ``PatchEmbed``) and has ``embed_dim * 2**i`` channels. Each of
+    its ``depths[i]`` DCFB blocks updates both streams in turn, the PET update seeing the new MRI features::
+
+        x_mri = blk(x_mri, x_pet)
+        x_pet = blk(x_pet, x_mri)
+
+    Decoder (shared by the two streams): from the deepest stage up, patch expanding (ConvTranspose3d kernel 2
+    stride 2) with concatenation of the stream's own skip features and a residual conv block (MONAI's
+    ``UnetrUpBlock``), back to the patch grid with ``embed_dim`` channels.
+
+    Head: the two decoded streams are concatenated, a ConvTranspose3d (kernel = stride = ``patch_size``) returns
+    to full resolution with ``2 * head_channels`` channels, split into ``f1`` and ``f2``; their L1-norm weighted
+    combination (:func:`l1_weighted_fusion`) is projected to ``out_channels`` by a 1x1x1 convolution. The output
+    has no activation (the loss compares it with inputs scaled to [0, 1]).
+
+    Input sizes: every spatial size must be divisible by ``patch_size * 2**(len(depths) - 1)``
+    (:attr:`size_divisor`, 32 for the defaults; use MONAI's ``DivisiblePad`` otherwise); the attention windows
+    are padded internally, so stages smaller than the window are fine. In training, the batch (or instance) norm
+    of the convolution branch needs more than one value per channel at the deepest stage: with batch size 1 and
+    the default four stages, a 32^3 input (one voxel there) fails; 64^3 and the paper's 128^3 work.
+
+    Args:
+        in_channels: channels of each input modality (default 1).
+        out_channels: channels of the fused output (default 1).
+        embed_dim: channels of the first stage (default 96).
+        depths: DCFB blocks per stage (default ``(2, 2, 6, 2)``).
+        num_heads: attention heads per stage; ``embed_dim * 2**i`` must be divisible by ``num_heads[i]``
+            (default ``(3, 6, 12, 24)``).
+        window_size: attention window edge in voxels of each stage (default 2).
+        patch_size: patch embedding kernel and stride (default 4).
+        mlp_ratio: MLP hidden width / channels (default 4.0).
+        offset_range: bound of the deformable offsets, in voxels of each stage (default 1.0; 0 disables them).
+        conv_kernel_size: kernel edge of the DCFB convolution branch (default 7).
+        conv_norm: norm of the DCFB convolution branch, MONAI name (default ``"batch"``).
+        decoder_norm: norm of the decoder conv blocks, MONAI name (default ``"instance"``).
+        head_channels: channels of each of ``f1`` and ``f2`` (default 16).
+        interaction_reduction: bottleneck ratio of the DCFB channel/spatial gates (default 4).
+        qkv_bias: bias in the attention projections (default True).
+        use_rel_pos_bias: Swin relative position bias in the window attention (default True).
+        drop_rate: dropout in the DCFB blend projection and MLP (default 0).
+        attn_drop_rate: dropout on the attention weights (default 0).
+        drop_path_rate: stochastic depth, increasing linearly over all blocks up to this value (default 0).
+        fusion_eps: ``eps`` of :func:`l1_weighted_fusion` (default 1e-6).
+        padding_mode: ``grid_sample`` padding of the deformable sampling (default ``"border"``).
+
+    Example::
+
+        net = DC2Fusion(embed_dim=12, depths=(1, 1), num_heads=(1, 2))
+        fused = net(mri, pet)  # (B, 1, 32, 32, 32) each -> (B, 1, 32, 32, 32)
+        fused, maps = net.forward_with_maps(mri, pet)  # offsets, attention and fusion weights
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 2,
+        patch_size: int = 4,
+        mlp_ratio: float = 4.0,
+        offset_range: float = 1.0,
+        conv_kernel_size: int = 7,
+        conv_norm: str | tuple = "batch",
+        decoder_norm: str | tuple = "instance",
+        head_channels: int = 16,
+        interaction_reduction: int = 4,
+        qkv_bias: bool = True,
+        use_rel_pos_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        fusion_eps: float = 1e-6,
+        padding_mode: str = "border",
+    ) -> None:
+        super().__init__()
+        depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("embed_dim", embed_dim),
+            ("window_size", window_size),
+            ("patch_size", patch_size),
+            ("head_channels", head_channels),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if not depths or len(depths) != len(num_heads):
+            raise ValueError(f"depths and num_heads need one entry per stage, got {depths} and {num_heads}.")
+        if any(d < 1 for d in depths):
+            raise ValueError(f"every stage needs at least one block, got depths={depths}.")
+        widths = [embed_dim * 2**i for i in range(len(depths))]
+        for i, (width, heads) in enumerate(zip(widths, num_heads)):
+            if heads < 1 or width % heads != 0:
+                raise ValueError(f"stage {i} has {width} channels, not divisible by num_heads[{i}]={heads}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+        if fusion_eps <= 0:
+            raise ValueError(f"fusion_eps must be positive, got {fusion_eps}.")
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.size_divisor = patch_size * 2 ** (len(depths) - 1)
+        self.fusion_eps = fusion_eps
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim, norm_layer=nn.LayerNorm, spatial_dims=3)
+        self.patch_merging = nn.ModuleList(
+            PatchEmbed(2, widths[i - 1], widths[i], norm_layer=nn.LayerNorm, spatial_dims=3)
+            for i in range(1, len(depths))
+        )
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            first = sum(depths[:i])
+            self.stages.append(
+                nn.ModuleList(
+                    DeformableCrossFeatureBlendBlock(
+                        dim=widths[i],
+                        num_heads=heads,
+                        window_size=window_size,
+                        mlp_ratio=mlp_ratio,
+                        offset_range=offset_range,
+                        conv_kernel_size=conv_kernel_size,
+                        conv_norm=conv_norm,
+                        interaction_reduction=interaction_reduction,
+                        qkv_bias=qkv_bias,
+                        use_rel_pos_bias=use_rel_pos_bias,
+                        drop=drop_rate,
+                        attn_drop=attn_drop_rate,
+                        drop_path=rates[first + j],
+                        padding_mode=padding_mode,
+                    )
+                    for j in range(depth)
+                )
+            )
+        # decoder[k] lifts stage (n-1-k) to stage (n-2-k), concatenating that stage's skip
+        self.decoder = nn.ModuleList(
+            UnetrUpBlock(
+                spatial_dims=3,
+                in_channels=widths[i],
+                out_channels=widths[i - 1],
+                kernel_size=3,
+                upsample_kernel_size=2,
+                norm_name=decoder_norm,
+                res_block=True,
+            )
+            for i in range(len(depths) - 1, 0, -1)
+        )
+        self.head_up = nn.ConvTranspose3d(2 * embed_dim, 2 * head_channels, kernel_size=patch_size, stride=patch_size)
+        self.head_out = nn.Conv3d(head_channels, out_channels, kernel_size=1)
+
+    def _split_inputs(self, mri: torch.Tensor, pet: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if pet is None:
+            if mri.ndim != 5 or mri.shape[1] != 2 * self.in_channels:
+                raise ValueError(
+                    f"with pet=None the input must stack MRI and PET on the channel axis, (B, {2 * self.in_channels},"
+                    f" D, H, W); got {tuple(mri.shape)}."
+                )
+            mri, pet = mri[:, : self.in_channels], mri[:, self.in_channels :]
+        if mri.ndim != 5 or mri.shape[1] != self.in_channels:
+            raise ValueError(f"mri must be (B, {self.in_channels}, D, H, W), got {tuple(mri.shape)}.")
+        if pet.shape != mri.shape:
+            raise ValueError(f"mri and pet must have the same shape, got {tuple(mri.shape)} and {tuple(pet.shape)}.")
+        bad = [s for s in mri.shape[2:] if s % self.size_divisor != 0]
+        if bad:
+            raise ValueError(
+                f"spatial size {tuple(mri.shape[2:])} is not divisible by {self.size_divisor} (patch_size * "
+                f"2**(stages - 1)); pad or crop the volumes, e.g. with monai.transforms.DivisiblePad(k={self.size_divisor})."
+            )
+        return mri, pet
+
+    def _decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        out = skips[-1]
+        for up, skip in zip(self.decoder, reversed(skips[:-1])):
+            out = up(out, skip)
+        return out
+
+    def forward_with_maps(
+        self, mri: torch.Tensor, pet: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Fuse and return the intermediate maps for inspection.
+
+        Returns:
+            ``(fused, maps)``; ``maps["blocks"]`` lists one dict per block call in execution order with keys
+            ``stage``, ``block``, ``query`` (``"mri"`` or ``"pet"``), ``offsets`` ``(B, 3, d, h, w)`` in voxels of
+            that stage and ``attention`` ``(B * nW, heads, N, N)``; ``maps["fusion_weights"]`` is
+            ``(B, 2, D, H, W)`` (the weights of ``f1`` and ``f2``).
+        """
+        return self._run(mri, pet, collect=True)
+
+    def forward(self, mri: torch.Tensor, pet: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            mri: ``(B, in_channels, D, H, W)``, or MRI and PET stacked on the channel axis when ``pet`` is None
+                (the form MONAI inferers pass).
+            pet: ``(B, in_channels, D, H, W)``.
+
+        Returns:
+            the fused volume ``(B, out_channels, D, H, W)``.
+        """
+        return self._run(mri, pet, collect=False)[0]
+
+    def _run(self, mri: torch.Tensor, pet: torch.Tensor | None, collect: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        mri, pet = self._split_inputs(mri, pet)
+        x, y = self.patch_embed(mri), self.patch_embed(pet)
+        skips_x: list[torch.Tensor] = []
+        skips_y: list[torch.Tensor] = []
+        block_maps: list[dict[str, Any]] = []
+        for i, blocks in enumerate(self.stages):
+            if i > 0:
+                x, y = self.patch_merging[i - 1](x), self.patch_merging[i - 1](y)
+            for j, block in enumerate(blocks):
+                if collect:
+                    x, mx = block(x, y, return_maps=True)
+                    y, my = block(y, x, return_maps=True)
+                    block_maps.append({"stage": i, "block": j, "query": "mri", **mx})
+                    block_maps.append({"stage": i, "block": j, "query": "pet", **my})
+                else:
+                    x = block(x, y)
+                    y = block(y, x)
+            skips_x.append(x)
+            skips_y.append(y)
+        features = self.head_up(torch.cat((self._decode(skips_x), self._decode(skips_y)), dim=1))
+        f1, f2 = features.chunk(2, dim=1)
+        fused, weights = l1_weighted_fusion(f1, f2, self.fusion_eps)
+        return self.head_out(fused), {"blocks": block_maps, "fusion_weights": weights}

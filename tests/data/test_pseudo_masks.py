@@ -1,0 +1,99 @@
+"""Tests for common/data/pseudo_masks.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.pseudo_masks import pseudo_mask, residual_map, slice_burden, slice_classes
+
+SHAPE = (8, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def volumes() -> dict[str, np.ndarray]:
+    """A lung-masked healthy volume, the same with a bright lesion, and a noisy 'perfect' inpainting."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in SHAPE], indexing="ij")
+    lung = ((z - 3.5) / 4.5) ** 2 + ((y - 16) / 13) ** 2 + ((x - 16) / 13) ** 2 <= 1
+    healthy = np.where(lung, 0.1 + 0.02 * rng.standard_normal(SHAPE), 0.0)
+    healthy[lung & ((y - 10) ** 2 + (x - 20) ** 2 <= 2)] = 0.7  # a vessel: the brightest healthy structure
+    lesion = lung & (((z - 4) / 2) ** 2 + ((y - 20) / 4) ** 2 + ((x - 12) / 4) ** 2 <= 1)
+    covid = healthy.copy()
+    covid[lesion] = 0.55 + 0.02 * rng.standard_normal(int(lesion.sum()))
+    covid[~lung & (y < 3)] = 1.0  # bright outside the lung: must be ignored
+    generated = np.where(lung, healthy + 0.01 * rng.standard_normal(SHAPE), 0.0)
+    return {"lung": lung, "healthy": healthy, "covid": covid, "lesion": lesion, "generated": generated}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.0, "otsu"])
+def test_identity_generator_gives_empty_mask(volumes, threshold):
+    mask = pseudo_mask(volumes["covid"], volumes["covid"], volumes["lung"], threshold=threshold)
+    assert mask.dtype == bool and mask.shape == SHAPE and not mask.any()
+
+
+@pytest.mark.parametrize("threshold", [0.1, "otsu"])
+def test_inserted_lesion_is_found(volumes, threshold):
+    mask = pseudo_mask(volumes["covid"], volumes["generated"], volumes["lung"], threshold=threshold)
+    assert dice(mask, volumes["lesion"]) > 0.9
+    assert not mask[~volumes["lung"]].any()
+
+
+def test_residual_map_is_positive_part_inside_lung(volumes):
+    res = residual_map(torch.as_tensor(volumes["covid"]), volumes["generated"], volumes["lung"])
+    assert res.dtype == np.float32 and res.min() >= 0 and res.max() <= 1
+    assert np.all(res[~volumes["lung"]] == 0)
+    # where the generator added density the residual is 0 (positive part only, not |input - G(input)|)
+    added = volumes["healthy"].copy()
+    added[volumes["lesion"]] = 0.55
+    assert residual_map(volumes["healthy"], added, volumes["lung"])[volumes["lesion"]].max() == 0
+    with pytest.raises(ValueError, match="same shape"):
+        residual_map(volumes["covid"], volumes["covid"][:4], volumes["lung"])
+    with pytest.raises(ValueError, match="empty"):
+        residual_map(volumes["covid"], volumes["covid"], np.zeros(SHAPE, dtype=bool))
+    with pytest.raises(ValueError, match="threshold"):
+        pseudo_mask(volumes["covid"], volumes["covid"], volumes["lung"], threshold="mean")
+
+
+def test_slice_burden_hand_values():
+    lung = np.zeros((3, 2, 2), dtype=bool)
+    lung[0] = True
+    lung[1, 0] = True  # slice 2 has no lung
+    mask = np.zeros_like(lung)
+    mask[0, 0, 0] = True
+    mask[1, 0, :] = True
+    mask[2] = True  # outside the lung: ignored
+    burden = slice_burden(mask, lung)
+    np.testing.assert_allclose(burden[:2], [0.25, 1.0])
+    assert np.isnan(burden[2])
+
+
+def test_slice_classes_follow_quartiles_and_are_balanced():
+    burden = np.arange(20, dtype=np.float64)[::-1].copy()  # q1 = 4.75, q3 = 14.25
+    burden[3] = np.nan
+    indices, labels = slice_classes(burden, seed=0)
+    q1, q3 = np.nanpercentile(burden, [25, 75])
+    assert indices.dtype == labels.dtype == np.int64 and np.all(np.diff(indices) > 0)
+    assert np.all(burden[indices[labels == 1]] > q3)
+    assert np.all((burden[indices[labels == 0]] >= q1) & (burden[indices[labels == 0]] <= q3))
+    n_high = int(np.sum(burden > q3))
+    assert (labels == 1).sum() == (labels == 0).sum() == n_high  # low subsampled to the high count
+    again_i, again_l = slice_classes(burden, seed=0)
+    np.testing.assert_array_equal(indices, again_i)
+    np.testing.assert_array_equal(labels, again_l)
+    picks = {tuple(slice_classes(burden, seed=s)[0]) for s in range(5)}
+    assert len(picks) > 1  # the subsample depends on the seed
+    all_i, all_l = slice_classes(burden, balance=False)
+    assert (all_l == 0).sum() == np.sum((burden >= q1) & (burden <= q3))
+
+
+def test_slice_classes_empty_when_one_class_is_empty():
+    indices, labels = slice_classes(np.zeros(10))
+    assert indices.size == labels.size == 0
+    indices, _ = slice_classes(np.full(4, np.nan))
+    assert indices.size == 0

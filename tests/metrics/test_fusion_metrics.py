@@ -1,0 +1,183 @@
+"""Tests of common/metrics/fusion.py: fusion metrics and classical baselines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from skimage.metrics import normalized_mutual_information as sk_nmi
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from common.metrics import fusion as fm
+
+
+def _smooth(seed: int, shape: tuple[int, ...], sigma: float = 1.5) -> np.ndarray:
+    """A fixed smooth random image scaled to [0, 1]."""
+    x = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+@pytest.fixture(scope="module")
+def pair_2d() -> tuple[np.ndarray, np.ndarray]:
+    a = _smooth(0, (48, 40))
+    b = np.clip(a + 0.05 * np.random.default_rng(1).standard_normal(a.shape), 0, 1)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def mri_pet() -> tuple[np.ndarray, np.ndarray]:
+    """A fixed non-cubic MRI-like / PET-like pair in [0, 1]."""
+    mri = _smooth(2, (20, 24, 16), sigma=1.0)
+    pet = _smooth(3, (20, 24, 16), sigma=3.0)
+    return mri, pet
+
+
+def test_psnr_matches_skimage(pair_2d):
+    a, b = pair_2d
+    assert fm.psnr(b, a) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-10)
+    assert fm.psnr(a, a) == math.inf
+
+
+@pytest.mark.parametrize("three_d", [False, True])
+def test_ssim_matches_skimage_gaussian_ssim(pair_2d, mri_pet, three_d):
+    a, b = (mri_pet[0], np.clip(mri_pet[0] + 0.1 * mri_pet[1], 0, 1)) if three_d else pair_2d
+    expected = structural_similarity(
+        a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
+    assert fm.ssim(b, a) == pytest.approx(expected, abs=1e-4)  # MONAI computes in float32
+    assert fm.ssim(a, a) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_nmi_matches_skimage(pair_2d, mri_pet):
+    a, b = pair_2d
+    assert fm.normalized_mutual_information(b, a) == pytest.approx(sk_nmi(b, a), abs=1e-12)
+    mri, pet = mri_pet
+    assert fm.normalized_mutual_information(pet, mri, bins=32) == pytest.approx(sk_nmi(pet, mri, bins=32), abs=1e-12)
+    assert fm.normalized_mutual_information(a, a) == pytest.approx(2.0)
+
+
+def test_entropy_of_a_two_value_image_is_one_bit():
+    image = np.zeros((6, 8))
+    image[:, :4] = 1.0
+    assert fm.entropy(image) == pytest.approx(1.0)
+    assert fm.entropy(np.full((5, 5), 0.3)) == 0.0
+
+
+def test_mutual_information_of_an_image_with_itself_is_its_entropy(pair_2d):
+    a, b = pair_2d
+    assert fm.mutual_information(a, a) == pytest.approx(fm.entropy(a), abs=1e-12)
+    assert 0.0 < fm.mutual_information(b, a) < fm.entropy(a)
+    independent = np.random.default_rng(7).random(a.shape)
+    assert fm.mutual_information(independent, a, bins=16) < 0.3 * fm.mutual_information(b, a, bins=16)
+
+
+def test_qabf_high_for_a_faithful_copy_and_low_for_noise(pair_2d):
+    a, _ = pair_2d
+    flat = np.full_like(a, 0.5)
+    copy_score = fm.qabf(a, a, flat)
+    assert copy_score > 0.95
+    assert fm.qabf(np.random.default_rng(3).random(a.shape), a, flat) < 0.3
+    assert fm.qabf(0.5 * (a + flat), a, flat) < copy_score  # halved edges lose strength preservation
+
+
+def test_qabf_3d_averages_the_slices_with_edges(mri_pet):
+    mri, pet = mri_pet
+    fused = 0.5 * (mri + pet)
+    per_slice = [fm.qabf(fused[..., k], mri[..., k], pet[..., k]) for k in range(mri.shape[-1])]
+    assert fm.qabf(fused, mri, pet, axis=-1) == pytest.approx(np.mean(per_slice), rel=1e-12)
+    padded = [np.concatenate([x, np.zeros((*x.shape[:2], 2))], axis=-1) for x in (fused, mri, pet)]
+    assert fm.qabf(*padded) == pytest.approx(np.mean(per_slice), rel=1e-12)  # edge-free slices are skipped
+
+
+def test_orientation_wrap_only_matters_for_near_vertical_edges():
+    rows = np.arange(16, dtype=float)[:, None] * np.ones((1, 16))
+    a = rows / 15.0  # gradient along axis 0 only: orientation +-pi/2, on the wrap-around
+    f = a - 1e-3 * np.arange(16)[None, :] / 15.0  # the same edge, tilted a hair past vertical: arctan flips sign
+    flat = np.zeros_like(a)
+    assert fm.qabf(f, a, flat) > 0.95
+    assert fm.qabf(f, a, flat, wrap_orientation=False) < 0.5
+
+
+def test_fsim_is_one_for_identical_images_and_falls_with_blur(pair_2d):
+    a, _ = pair_2d
+    assert fm.fsim(a, a) == pytest.approx(1.0, abs=1e-12)
+    scores = [fm.fsim(ndimage.gaussian_filter(a, s), a) for s in (0.7, 1.5, 3.0)]
+    assert 1.0 > scores[0] > scores[1] > scores[2]
+
+
+def test_phase_congruency_marks_edges_and_ignores_distant_flat_regions():
+    bar = np.zeros((64, 64))
+    bar[:, 24:40] = 1.0  # edges at columns 23|24 and 39|40; the FFT wraps, so keep the bar away from the border
+    pc = fm.phase_congruency(bar)
+    assert pc.shape == (64, 64)
+    assert 0.0 <= pc.min() and pc.max() <= 1.0
+    assert pc[:, [23, 24, 39, 40]].mean() > 0.5
+    assert pc[:, 6:16].max() < 0.1 and pc[:, 48:58].max() < 0.1
+    stacked = fm.phase_congruency(np.stack([bar, bar.T]))  # a stack of slices is processed slice by slice
+    np.testing.assert_allclose(stacked[0], pc, atol=1e-12)
+    np.testing.assert_allclose(stacked[1], pc.T, atol=1e-6)  # the filter bank is symmetric under transposition
+
+
+def test_take_slice_and_slice_protocol(mri_pet):
+    mri, pet = mri_pet
+    fused = fm.average_fusion(mri, pet)
+    sliced = fm.fusion_metrics(fused, mri, pet, slice_index=8, axis=-1)
+    assert sliced["psnr_mri"] == pytest.approx(fm.psnr(fused[..., 8], mri[..., 8]))
+    assert sliced["ssim_pet"] == pytest.approx(fm.ssim(fused[..., 8], pet[..., 8]))
+    assert sliced["fsim_mri"] == pytest.approx(fm.fsim(fused[..., 8], mri[..., 8]))
+    np.testing.assert_array_equal(fm.take_slice(mri, 3, axis=0), mri[3])
+    with pytest.raises(ValueError, match="outside"):
+        fm.take_slice(mri, 16, axis=-1)
+
+
+def test_fusion_metrics_volume_keys_means_and_psnr_min(mri_pet):
+    mri, pet = mri_pet
+    result = fm.fusion_metrics(torch.from_numpy(fm.average_fusion(mri, pet))[None, None], mri, pet)
+    for name in ("psnr", "ssim", "nmi", "mi", "fsim"):
+        assert result[name] == pytest.approx(0.5 * (result[f"{name}_mri"] + result[f"{name}_pet"]))
+    assert result["psnr_min"] == min(result["psnr_mri"], result["psnr_pet"])
+    assert result["ssim_mri"] == pytest.approx(fm.ssim(0.5 * (mri + pet), mri))  # 3D SSIM on the volume
+    assert {"qabf", "entropy", "entropy_mri", "entropy_pet"} <= set(result)
+
+
+def test_copying_the_mri_has_lower_psnr_min_than_averaging(mri_pet):
+    mri, pet = mri_pet
+    copy = fm.fusion_metrics(mri.copy(), mri, pet, slice_index=8)
+    average = fm.fusion_metrics(fm.average_fusion(mri, pet), mri, pet, slice_index=8)
+    assert copy["psnr_mri"] == math.inf
+    assert copy["psnr_min"] < average["psnr_min"]
+
+
+def test_metrics_reject_mismatched_or_batched_inputs(mri_pet):
+    mri, pet = mri_pet
+    with pytest.raises(ValueError, match="same shape"):
+        fm.psnr(mri, pet[:-1])
+    with pytest.raises(ValueError, match="one 2D or 3D image"):
+        fm.fusion_metrics(np.stack([mri, mri]), np.stack([mri, mri]), np.stack([pet, pet]))
+
+
+def test_average_and_maximum_fusion_keep_the_input_type():
+    a, b = torch.tensor([[0.2, 0.9]]), torch.tensor([[0.6, 0.1]])
+    torch.testing.assert_close(fm.average_fusion(a, b), torch.tensor([[0.4, 0.5]]))
+    torch.testing.assert_close(fm.maximum_fusion(a, b), torch.tensor([[0.6, 0.9]]))
+    np.testing.assert_allclose(fm.maximum_fusion(a.numpy(), b.numpy()), [[0.6, 0.9]])
+
+
+def test_laplacian_pyramid_fusion_is_exact_on_identical_inputs_and_keeps_details(mri_pet):
+    mri, pet = mri_pet
+    np.testing.assert_allclose(fm.laplacian_pyramid_fusion(mri, mri, levels=3), mri, atol=1e-12)
+    flat = np.full_like(mri, 0.5)
+
+    def detail(x):
+        return np.std(x - ndimage.gaussian_filter(x, 1.0))
+
+    fused = fm.laplacian_pyramid_fusion(mri, flat, levels=3)
+    assert detail(fused) == pytest.approx(detail(mri), rel=0.05)  # choose-max keeps MRI details
+    assert detail(fm.average_fusion(mri, flat)) == pytest.approx(0.5 * detail(mri), rel=1e-6)
+    batch = torch.from_numpy(np.stack([mri, pet]))[:, None].float()  # (B, 1, D, H, W): fused per item
+    out = fm.laplacian_pyramid_fusion(batch, batch.flip(0), levels=2)
+    assert isinstance(out, torch.Tensor) and out.shape == batch.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out[0], out[1])  # the fusion rule is symmetric in its inputs

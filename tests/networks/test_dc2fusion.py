@@ -1,0 +1,228 @@
+"""Tests of common/networks/dc2fusion.py and common/networks/blocks/deformable_cross_attention.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.losses.fusion import DC2FusionLoss
+from common.networks.blocks.deformable_cross_attention import (
+    DeformableCrossFeatureBlendBlock,
+    OffsetNetwork,
+    WindowCrossAttention,
+    deformable_sample,
+)
+from common.networks.dc2fusion import DC2Fusion, l1_weighted_fusion
+
+SMALL = {"embed_dim": 12, "depths": (1, 1), "num_heads": (1, 2), "window_size": 2}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors run faster on one thread, and far faster when other jobs share the two cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- deformable sampling
+
+
+def test_zero_offsets_reproduce_the_other_stream():
+    y = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    out = deformable_sample(y, torch.zeros(2, 3, 5, 6, 7, dtype=torch.float64))
+    torch.testing.assert_close(out, y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_unit_offset_shifts_along_its_own_axis_on_a_non_cubic_volume(axis):
+    y = torch.randn(1, 2, 4, 6, 9, dtype=torch.float64)
+    offsets = torch.zeros(1, 3, 4, 6, 9, dtype=torch.float64)
+    offsets[:, axis] = 1.0  # +1 voxel along D, H or W
+    out = deformable_sample(y, offsets, padding_mode="border")
+    dim = 2 + axis
+    n = y.shape[dim]
+    # out[i] = y[i + 1] inside; the last voxel reads past the edge and "border" repeats y[n - 1]
+    torch.testing.assert_close(out.narrow(dim, 0, n - 1), y.narrow(dim, 1, n - 1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.narrow(dim, n - 1, 1), y.narrow(dim, n - 1, 1), rtol=0, atol=1e-12)
+
+
+def test_half_voxel_offset_interpolates_linearly_along_width():
+    y = torch.randn(1, 1, 3, 4, 5, dtype=torch.float64)
+    offsets = torch.zeros(1, 3, 3, 4, 5, dtype=torch.float64)
+    offsets[:, 2] = 0.5
+    out = deformable_sample(y, offsets)
+    torch.testing.assert_close(out[..., :-1], 0.5 * (y[..., :-1] + y[..., 1:]), rtol=0, atol=1e-12)
+
+
+def test_deformable_sample_rejects_mismatched_offsets():
+    with pytest.raises(ValueError, match="offsets"):
+        deformable_sample(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4))
+
+
+def test_offsets_start_at_zero_and_stay_within_range():
+    net = OffsetNetwork(channels=4, offset_range=1.5)
+    x, y = torch.randn(2, 4, 3, 5, 6), torch.randn(2, 4, 3, 5, 6)
+    assert torch.count_nonzero(net(x, y)) == 0  # identity sampling at initialisation
+    torch.nn.init.normal_(net.to_offsets.weight, std=50.0)
+    offsets = net(x, y)
+    assert offsets.shape == (2, 3, 3, 5, 6)
+    assert offsets.abs().max() <= 1.5
+    assert offsets.abs().max() > 1.0  # the bound is reached, not a smaller one
+
+
+# ---------------------------------------------------------------- window cross-attention
+
+
+def test_window_attention_output_depends_only_on_its_window():
+    torch.manual_seed(0)
+    attn = WindowCrossAttention(dim=8, num_heads=2, window_size=2).eval()
+    x, ctx = torch.randn(1, 4, 6, 4, 8), torch.randn(1, 4, 6, 4, 8)
+    out, _ = attn(x, ctx)
+    x2, ctx2 = x.clone(), ctx.clone()
+    x2[:, 2:], ctx2[:, 2:] = torch.randn_like(x2[:, 2:]), torch.randn_like(ctx2[:, 2:])  # outside window (0, 0, 0)
+    ctx2[:, :2, 2:] = torch.randn_like(ctx2[:, :2, 2:])
+    out2, _ = attn(x2, ctx2)
+    torch.testing.assert_close(out2[:, :2, :2, :2], out[:, :2, :2, :2])
+    assert not torch.allclose(out2[:, 2:], out[:, 2:])
+    ctx3 = ctx.clone()
+    ctx3[:, 0, 1, 1] += 1.0  # inside the window: its output must change
+    out3, _ = attn(x, ctx3)
+    assert not torch.allclose(out3[:, :2, :2, :2], out[:, :2, :2, :2])
+
+
+def test_attention_rows_sum_to_one_and_padded_keys_get_no_weight():
+    attn = WindowCrossAttention(dim=6, num_heads=3, window_size=2)
+    x, ctx = torch.randn(2, 3, 5, 4, 6), torch.randn(2, 3, 5, 4, 6)  # D and H are not window multiples
+    out, weights = attn(x, ctx)
+    assert out.shape == x.shape
+    n_windows = 2 * 3 * 2  # per sample, on the padded 4 x 6 x 4 grid
+    assert weights.shape == (2 * n_windows, 3, 8, 8)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2 * n_windows, 3, 8))
+    # the last window along D holds real voxels at depth 2 only: keys at padded depth 3 (tokens 4..7) get 0
+    last_d_window = (1 * 3 + 0) * 2 + 0  # window (d=1, h=0, w=0) of sample 0
+    assert torch.all(weights[last_d_window, :, :, 4:] == 0)
+
+
+def test_value_gate_of_ones_changes_nothing_and_zero_gate_removes_the_values():
+    attn = WindowCrossAttention(dim=4, num_heads=2, window_size=2)
+    x, ctx = torch.randn(2, 2, 4, 2, 4), torch.randn(2, 2, 4, 2, 4)
+    plain, _ = attn(x, ctx)
+    torch.testing.assert_close(attn(x, ctx, value_gate=torch.ones(2, 4))[0], plain)
+    gated, _ = attn(x, ctx, value_gate=torch.zeros(2, 4))
+    torch.testing.assert_close(gated, attn.proj.bias.expand_as(gated))
+
+
+def test_relative_position_bias_is_optional_and_shaped_per_head():
+    with_bias = WindowCrossAttention(dim=4, num_heads=2, window_size=(2, 3, 2))
+    assert with_bias.relative_position_bias().shape == (2, 12, 12)
+    assert WindowCrossAttention(dim=4, num_heads=2, use_rel_pos_bias=False).relative_position_bias() is None
+
+
+def test_attention_rejects_heads_that_do_not_divide_channels():
+    with pytest.raises(ValueError, match="num_heads"):
+        WindowCrossAttention(dim=6, num_heads=4)
+
+
+# ---------------------------------------------------------------- DCFB block
+
+
+def test_block_keeps_constant_fields_constant():
+    """A channel-first -> channel-last reshape (instead of a permute) would mix voxels and break this."""
+    torch.manual_seed(0)
+    block = DeformableCrossFeatureBlendBlock(dim=6, num_heads=2, conv_kernel_size=1, conv_norm="instance").eval()
+    x = torch.randn(1, 6, 1, 1, 1).expand(1, 6, 4, 6, 4).contiguous()
+    y = torch.randn(1, 6, 1, 1, 1).expand(1, 6, 4, 6, 4).contiguous()
+    out = block(x, y)
+    torch.testing.assert_close(out, out[:, :, :1, :1, :1].expand_as(out))
+    assert not torch.allclose(out, x)
+
+
+def test_block_has_separate_norms_and_returns_maps():
+    block = DeformableCrossFeatureBlendBlock(dim=4, num_heads=1, window_size=2, offset_range=0.5)
+    assert block.norm_mlp is not block.norm_query
+    x, y = torch.randn(2, 4, 4, 2, 6), torch.randn(2, 4, 4, 2, 6)
+    out, maps = block(x, y, return_maps=True)
+    assert out.shape == x.shape
+    assert maps["offsets"].shape == (2, 3, 4, 2, 6)
+    assert maps["attention"].shape == (2 * 2 * 1 * 3, 1, 8, 8)
+
+
+# ---------------------------------------------------------------- fusion head and network
+
+
+def test_l1_weighting_of_equal_maps_returns_the_map():
+    f = torch.randn(2, 3, 4, 5, 6)
+    fused, weights = l1_weighted_fusion(f, f.clone())
+    assert torch.equal(fused, f)
+    assert torch.equal(weights, torch.full((2, 2, 4, 5, 6), 0.5))
+
+
+def test_l1_weights_follow_the_norms_and_sum_to_one():
+    f1 = torch.full((1, 2, 2, 2, 2), 3.0)
+    f2 = torch.full((1, 2, 2, 2, 2), -1.0)
+    fused, weights = l1_weighted_fusion(f1, f2, eps=1e-12)
+    torch.testing.assert_close(weights[:, 0], torch.full((1, 2, 2, 2), 0.75))
+    torch.testing.assert_close(weights.sum(1), torch.ones(1, 2, 2, 2))
+    torch.testing.assert_close(fused, torch.full_like(f1, 0.75 * 3.0 - 0.25 * 1.0))
+
+
+def test_network_handles_non_cubic_inputs_and_exposes_maps():
+    torch.manual_seed(0)
+    net = DC2Fusion(**SMALL)
+    mri, pet = torch.rand(1, 1, 16, 24, 32), torch.rand(1, 1, 16, 24, 32)
+    fused, maps = net.forward_with_maps(mri, pet)
+    assert fused.shape == (1, 1, 16, 24, 32)
+    assert [(m["stage"], m["query"]) for m in maps["blocks"]] == [(0, "mri"), (0, "pet"), (1, "mri"), (1, "pet")]
+    assert maps["blocks"][0]["offsets"].shape == (1, 3, 4, 6, 8)
+    assert maps["blocks"][2]["offsets"].shape == (1, 3, 2, 3, 4)
+    for m in maps["blocks"]:
+        torch.testing.assert_close(m["attention"].sum(-1), torch.ones(m["attention"].shape[:-1]))
+    assert maps["fusion_weights"].shape == (1, 2, 16, 24, 32)
+    torch.testing.assert_close(net(torch.cat((mri, pet), dim=1)), fused)  # the stacked-channel form
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 20, 16, 16), (1, 1, 16, 16, 12)])
+def test_sizes_not_divisible_by_patch_and_merging_are_rejected(shape):
+    net = DC2Fusion(**SMALL)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        net(torch.rand(shape), torch.rand(shape))
+
+
+def test_mismatched_inputs_and_bad_configurations_are_rejected():
+    net = DC2Fusion(**SMALL)
+    with pytest.raises(ValueError, match="same shape"):
+        net(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 24))
+    with pytest.raises(ValueError, match="num_heads"):
+        DC2Fusion(embed_dim=12, depths=(1, 1), num_heads=(5, 2))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        DC2Fusion(embed_dim=12, depths=(1, 1, 1), num_heads=(1, 2))
+
+
+def test_default_configuration_is_the_paper_one():
+    net = DC2Fusion()
+    assert net.size_divisor == 32
+    assert [len(stage) for stage in net.stages] == [2, 2, 6, 2]
+    assert [stage[0].attention.num_heads for stage in net.stages] == [3, 6, 12, 24]
+    assert [stage[0].dim for stage in net.stages] == [96, 192, 384, 768]
+
+
+def test_ten_steps_of_training_reduce_the_loss():
+    torch.manual_seed(3407)
+    grid = torch.linspace(-1, 1, 32)
+    z, y, x = torch.meshgrid(grid, grid, grid, indexing="ij")
+    head = (x**2 + y**2 + z**2 < 0.7).float()
+    mri = (head * (0.5 + 0.3 * torch.sin(8 * x) * torch.cos(6 * y))).clamp(0, 1)[None, None]
+    pet = (head * torch.exp(-((x - 0.2) ** 2 + y**2 + z**2) / 0.1))[None, None]
+    net = DC2Fusion(**SMALL)
+    loss_fn = DC2FusionLoss(ncc_kernel_size=5, ssim_win=7)
+    optimiser = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(10):
+        optimiser.zero_grad()
+        loss = loss_fn(net(mri, pet), mri, pet)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
