@@ -434,22 +434,18 @@ def test_cli_writes_datalist(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "error: prepare_datalist: val_fraction must be in [0, 1), got 1.5"
 
 
-def test_cli_bad_file_exit_2_no_output(tmp_path):
-    bad = corrupt("truncated", tmp_path / "data")
+@pytest.mark.parametrize(
+    "kind, layout, expected",
+    [("truncated", "brats2021", "truncated"), ("msd_3d", "msd_task01", "expected a 4D image"), ("nan", "brats2021", "NaN")],
+)
+def test_cli_bad_file_exit_2_no_output(tmp_path, kind, layout, expected):
+    """The issue's three bad inputs through the real command line: one line naming the file, exit 2, no output."""
+    bad = corrupt(kind, tmp_path / "data")
     out = tmp_path / "dl.json"
-    cmd = [
-        sys.executable,
-        str(TOOL),
-        "--layout",
-        "brats2021",
-        "--data_dir",
-        str(tmp_path / "data"),
-        "--output",
-        str(out),
-    ]
+    cmd = [sys.executable, str(TOOL), "--layout", layout, "--data_dir", str(tmp_path / "data"), "--output", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(cmd + ["--check_data", "true"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and "truncated" in lines[0], result.stderr
+    assert len(lines) == 1 and str(bad) in lines[0] and expected in lines[0], result.stderr
     assert not out.exists() and os.listdir(tmp_path) == ["data"]
