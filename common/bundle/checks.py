@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -178,10 +179,12 @@ def check_export(bundle_dir: str, ckpt_file: str, work_dir: str, overrides: dict
             ckpt_file=ckpt_file,
             meta_file="configs/metadata.json",
             config_file="configs/inference.json",
+            **overrides,
         )
         parser = ConfigParser()
         parser.read_config("configs/inference.json")
         parser.read_meta("configs/metadata.json")
+        parser.update(overrides)
         net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(ckpt_file, map_location="cpu", weights_only=True))
     net.eval()
@@ -255,6 +258,12 @@ def check_training_run_id(bundle_dir: str, result: PipelineResult) -> None:
         "device": "cpu",
     }
     overrides.update(stage_overrides(stage, "test"))
+    # what earlier stages saved in the shared ckpt_dir (e.g. a bundle's pseudo-masks) is there for the re-run too
+    shutil.copytree(
+        os.path.join(result.work_dir, "checkpoints"),
+        overrides["ckpt_dir"],
+        ignore=shutil.ignore_patterns(CHECKPOINT_NAME),
+    )
     run_stage(bundle_dir, stage, overrides, os.path.join(work, "train.log"))
     if not os.path.isfile(os.path.join(work, "checkpoints", CHECKPOINT_NAME)):
         raise _fail(bundle_dir, f"'run' trained but saved no checkpoints/{CHECKPOINT_NAME}")

@@ -163,7 +163,7 @@ def run_stage(
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
-    with open(log_file, "w") as log:
+    with open(log_file, "w", buffering=1) as log:  # line-buffered: `tail -f` shows progress live
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
