@@ -146,7 +146,7 @@ def stage_command(stage: dict[str, Any], overrides: dict[str, Any]) -> list[str]
     config_arg = configs[0] if len(configs) == 1 else json.dumps(configs)
     cmd = [sys.executable, "-m", "monai.bundle", "run", stage.get("run_id", "run"), "--config_file", config_arg]
     for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]  # fire parses Python literals
     return cmd
 
 

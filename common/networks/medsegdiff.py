@@ -96,8 +96,8 @@ class AttentiveFusion(nn.Module):
     def forward(self, m_image: torch.Tensor, m_mask: torch.Tensor) -> torch.Tensor:
         if m_image.shape != m_mask.shape:
             raise ValueError(
-                f"condition and mask features must have the same shape, got {tuple(m_image.shape)} "
-                f"and {tuple(m_mask.shape)}."
+                f"condition and mask features must have the same shape, got {list(m_image.shape)} "
+                f"and {list(m_mask.shape)}."
             )
         fused = self.attention(m_image, m_mask)
         return m_image + fused if self.residual else fused
@@ -140,6 +140,8 @@ class TimeConditionedResBlock(nn.Module):
         if out_channels % norm_num_groups != 0:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by norm_num_groups ({norm_num_groups}).")
         self.time_injection = time_injection
+        self.scale_shift = time_injection == "scale_shift"
+        self.out_channels = out_channels
         self.conv1 = Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, conv_only=True)
         self.norm1 = nn.GroupNorm(norm_num_groups, out_channels)
         self.time_proj = nn.Sequential(
@@ -157,10 +159,11 @@ class TimeConditionedResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.norm1(self.conv1(x))
-        t = self.time_proj(temb).reshape(*temb.shape[:1], -1, *([1] * (x.ndim - 2)))
-        if self.time_injection == "scale_shift":
-            scale, shift = t.chunk(2, dim=1)
-            h = h * (1 + scale) + shift
+        t = self.time_proj(temb)
+        for _ in range(x.dim() - 2):  # (B, C') -> (B, C', 1, ..., 1), broadcast over the spatial axes
+            t = t.unsqueeze(-1)
+        if self.scale_shift:
+            h = h * (1 + t[:, : self.out_channels]) + t[:, self.out_channels :]
         else:
             h = h + t
         h = self.dropout(self.act(h))
@@ -267,6 +270,13 @@ class MedSegDiff(nn.Module):
     Shapes: ``x: (B, out_channels, *spatial)``, ``timesteps: (B,)`` or ``(1,)`` (broadcast over the batch, as
     ``DiffusionInferer.sample`` passes it), ``context: (B, in_channels, *spatial) -> (B, out_channels, *spatial)``,
     the predicted noise. Every spatial size must be divisible by ``2 ** (len(channels) - 1)``.
+
+    Single-tensor (export) signature: ``forward(x)`` with ``x: (B, in_channels + out_channels, *spatial)`` holding
+    the concatenation ``[image, noisy mask]`` (image channels first) and ``timesteps`` omitted, which means
+    ``t = 0`` (the last denoising step). MONAI's bundle tools (``verify_net_in_out``, ``ckpt_export``) call a network
+    with one tensor; this signature makes the network checkable and exportable as is. Samplers always pass
+    ``(x, timesteps, context)``. ``timesteps`` may also be omitted alone (``t = 0``) with an explicit ``context``.
+    The network compiles with ``torch.jit.script``.
 
     Args:
         spatial_dims: 2 (default; axial slices with the MRI modalities as channels) or 3.
@@ -386,8 +396,13 @@ class MedSegDiff(nn.Module):
         previous = (channels[0], *channels[:-1])
         self.image_stages = nn.ModuleList(stage(previous[k], channels[k], k) for k in range(levels))
         self.mask_stages = nn.ModuleList(stage(previous[k], channels[k], k) for k in range(levels))
-        self.image_downs = nn.ModuleList(_downsample(spatial_dims, channels[k]) for k in range(levels - 1))
-        self.mask_downs = nn.ModuleList(_downsample(spatial_dims, channels[k]) for k in range(levels - 1))
+        # one entry per level so that the encoder loop zips equal-length lists; the deepest level does not downsample
+        self.image_downs = nn.ModuleList(
+            _downsample(spatial_dims, channels[k]) if k < levels - 1 else nn.Identity() for k in range(levels)
+        )
+        self.mask_downs = nn.ModuleList(
+            _downsample(spatial_dims, channels[k]) if k < levels - 1 else nn.Identity() for k in range(levels)
+        )
         self.ff_parsers = nn.ModuleList(
             FFParser(channels[k], spatial_dims, tuple(int(s) // 2**k for s in ff_size))
             if ff_parser_levels[k]
@@ -396,17 +411,15 @@ class MedSegDiff(nn.Module):
         )
         self.fusions = nn.ModuleList(AttentiveFusion(channels[k], residual=fusion_residual) for k in range(levels))
 
-        # bottleneck on E^I + E^x
-        self.middle = nn.ModuleList(
-            [
-                TimeConditionedResBlock(
-                    spatial_dims, channels[-1], channels[-1], time_embed_dim, norm_num_groups, time_injection, dropout
-                ),
-                SpatialTransformer(channels[-1], num_heads, dropout=dropout) if attention_levels[-1] else nn.Identity(),
-                TimeConditionedResBlock(
-                    spatial_dims, channels[-1], channels[-1], time_embed_dim, norm_num_groups, time_injection, dropout
-                ),
-            ]
+        # bottleneck on E^I + E^x: residual block, attention, residual block
+        self.middle_block1 = TimeConditionedResBlock(
+            spatial_dims, channels[-1], channels[-1], time_embed_dim, norm_num_groups, time_injection, dropout
+        )
+        self.middle_attention: nn.Module = (
+            SpatialTransformer(channels[-1], num_heads, dropout=dropout) if attention_levels[-1] else nn.Identity()
+        )
+        self.middle_block2 = TimeConditionedResBlock(
+            spatial_dims, channels[-1], channels[-1], time_embed_dim, norm_num_groups, time_injection, dropout
         )
 
         # decoder D, deepest first: ups[i] and decoder_stages[i] serve level k = levels - 2 - i
@@ -431,62 +444,81 @@ class MedSegDiff(nn.Module):
             Convolution(spatial_dims, channels[0], out_channels, kernel_size=3, conv_only=True),
         )
 
-    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """Validate shapes; return the timesteps as a ``(B,)`` tensor."""
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.out_channels:
+    def _split_inputs(
+        self, x: torch.Tensor, timesteps: torch.Tensor | None, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate shapes; return ``(noisy mask, timesteps as (B,), image)``, unpacking the single-tensor form."""
+        if x.dim() != self.spatial_dims + 2:
             raise ValueError(
                 f"x (the noisy mask) must be (B, {self.out_channels}, <{self.spatial_dims} spatial dims>), "
-                f"got {tuple(x.shape)}."
-            )
-        spatial = tuple(x.shape[2:])
-        if any(s % self.size_divisor for s in spatial):
-            raise ValueError(
-                f"every spatial size must be divisible by 2**(len(channels)-1) = {self.size_divisor}, got {spatial}; "
-                "pad or crop the input (e.g. monai.transforms.DivisiblePad)."
+                f"got {list(x.shape)}."
             )
         if context is None:
+            if x.shape[1] != self.in_channels + self.out_channels:
+                raise ValueError(
+                    f"MedSegDiff needs the image as context (B, {self.in_channels}, *spatial), or, without context, "
+                    f"x must be the concatenation [image, noisy mask] with {self.in_channels} + {self.out_channels} "
+                    f"channels; got x of shape {list(x.shape)}. With DiffusionInferer pass condition=image / "
+                    "conditioning=image and mode='crossattn'."
+                )
+            context = x[:, : self.in_channels]
+            x = x[:, self.in_channels :]
+        if x.shape[1] != self.out_channels:
             raise ValueError(
-                "MedSegDiff needs the image as context (B, in_channels, *spatial); with DiffusionInferer pass "
-                "condition=image / conditioning=image and mode='crossattn'."
+                f"x (the noisy mask) must be (B, {self.out_channels}, <{self.spatial_dims} spatial dims>), "
+                f"got {list(x.shape)}."
             )
-        if context.ndim != x.ndim or context.shape[1] != self.in_channels or tuple(context.shape[2:]) != spatial:
+        spatial = x.shape[2:]
+        for size in spatial:
+            if size % self.size_divisor != 0:
+                raise ValueError(
+                    f"every spatial size must be divisible by 2**(len(channels)-1) = {self.size_divisor}, got "
+                    f"{spatial}; pad or crop the input (e.g. monai.transforms.DivisiblePad)."
+                )
+        if context.dim() != x.dim() or context.shape[1] != self.in_channels or context.shape[2:] != spatial:
             raise ValueError(
-                f"context (the image) must be (B, {self.in_channels}, {', '.join(map(str, spatial))}), "
-                f"got {tuple(context.shape)}."
+                f"context (the image) must be (B, {self.in_channels}, {spatial}), got {list(context.shape)}."
             )
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"x and context batch sizes differ: {x.shape[0]} and {context.shape[0]}.")
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        if timesteps is None:
+            timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        timesteps = timesteps.to(x.device).reshape(-1)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(x.shape[0])
         if timesteps.numel() != x.shape[0]:
             raise ValueError(f"timesteps must hold 1 or B={x.shape[0]} values, got {timesteps.numel()}.")
-        return timesteps
+        return x, timesteps, context
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the noise added to the mask.
 
-        ``x (B, out_channels, *S), timesteps (B,) or (1,), context (B, in_channels, *S) -> (B, out_channels, *S)``.
+        ``x (B, out_channels, *S), timesteps (B,) or (1,), context (B, in_channels, *S) -> (B, out_channels, *S)``;
+        or ``x (B, in_channels + out_channels, *S)`` alone = ``[image, noisy mask]`` at ``t = 0`` (class docstring).
         """
-        timesteps = self._check_inputs(x, timesteps, context)
+        x, timesteps, context = self._split_inputs(x, timesteps, context)
         temb = get_timestep_embedding(timesteps, self.time_embed_base).to(x.dtype)
         temb = self.time_embed(temb)
 
         m_image = self.image_stem(context)
         m_mask = self.mask_stem(x)
-        skips = []
-        for k in range(len(self.channels)):
-            m_image = self.image_stages[k](m_image, temb)
-            m_mask = self.ff_parsers[k](self.mask_stages[k](m_mask, temb))
-            m_image = self.fusions[k](m_image, m_mask)
-            if k < len(self.channels) - 1:
+        skips: list[torch.Tensor] = []
+        last = len(self.channels) - 1
+        for k, (image_stage, mask_stage, ff_parser, fusion, image_down, mask_down) in enumerate(
+            zip(self.image_stages, self.mask_stages, self.ff_parsers, self.fusions, self.image_downs, self.mask_downs)
+        ):
+            m_image = image_stage(m_image, temb)
+            m_mask = ff_parser(mask_stage(m_mask, temb))
+            m_image = fusion(m_image, m_mask)
+            if k < last:
                 skips.append(m_image + m_mask)
-                m_image = self.image_downs[k](m_image)
-                m_mask = self.mask_downs[k](m_mask)
+                m_image = image_down(m_image)
+                m_mask = mask_down(m_mask)
 
         h = m_image + m_mask
-        res_in, attention, res_out = self.middle
-        h = res_out(attention(res_in(h, temb)), temb)
+        h = self.middle_block2(self.middle_attention(self.middle_block1(h, temb)), temb)
 
         for up, decoder_stage in zip(self.ups, self.decoder_stages):
             h = decoder_stage(torch.cat([up(h), skips.pop()], dim=1), temb)

@@ -132,3 +132,17 @@ def test_invalid_arguments():
         FFParser(0, 2, 8)
     with pytest.raises(ValueError, match="FFParser expects"):
         FFParser(2, 2, 8)(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("spatial_dims", "reference", "shape"), [(2, 8, (2, 3, 15, 22)), (3, (4, 6, 8), (1, 3, 4, 6, 8))]
+)
+def test_torchscript_matches_eager_with_and_without_resampling(spatial_dims, reference, shape):
+    torch.manual_seed(2)
+    parser = FFParser(3, spatial_dims, reference)
+    with torch.no_grad():
+        parser.weight.normal_()
+    scripted = torch.jit.script(parser)
+    x = torch.randn(shape)
+    torch.testing.assert_close(scripted(x), parser(x))
+    assert not torch.allclose(parser(x), x, atol=1e-3)  # the random map really filters

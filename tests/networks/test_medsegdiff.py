@@ -199,3 +199,29 @@ def test_diffusion_inferer_training_call_and_ddim_sampling():
     )
     assert sample.shape == (2, 3, 16, 16)
     assert torch.isfinite(sample).all()
+
+
+def test_single_tensor_form_is_image_then_mask_at_timestep_zero():
+    net = _tiny().eval()
+    image, x = torch.randn(2, 4, 16, 16), torch.randn(2, 1, 16, 16)
+    stacked = torch.cat([image, x], dim=1)
+    expected = net(x, torch.tensor([0, 0]), image)
+    torch.testing.assert_close(net(stacked), expected)
+    torch.testing.assert_close(net(x, context=image), expected)  # timesteps omitted alone: t = 0
+    assert not torch.allclose(net(x, torch.tensor([500, 500]), image), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="concatenation"):
+        net(torch.randn(2, 4, 16, 16))  # neither context nor in_channels + out_channels channels
+
+
+def test_torchscript_matches_eager():
+    """3D, additive time injection, several mask channels (the bundle's 2D export is checked by the harness)."""
+    spatial = (8, 8, 16)
+    net = _tiny(spatial_dims=3, in_channels=2, out_channels=3, time_injection="add").eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(2, net.out_channels, *spatial)
+    image = torch.randn(2, net.in_channels, *spatial)
+    t = torch.tensor([3.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, t, image), net(x, t, image))
+        stacked = torch.cat([image, x], dim=1)
+        torch.testing.assert_close(scripted(stacked), net(stacked))

@@ -50,7 +50,8 @@ class FFParser(nn.Module):
     reference size no interpolation takes place. The map in use for a size is :meth:`frequency_response`.
 
     The FFT runs in float32 (or float64 for float64 input): half-precision FFTs support only power-of-two
-    sizes, so autocast inputs are upcast and the output is cast back to the input dtype.
+    sizes, so autocast inputs are upcast and the output is cast back to the input dtype. The block compiles with
+    ``torch.jit.script`` (the bundles export their networks to TorchScript).
 
     Args:
         channels: number of feature channels ``C``; one complex map per channel.
@@ -81,6 +82,8 @@ class FFParser(nn.Module):
         self.channels = channels
         self.spatial_dims = spatial_dims
         self.spatial_size = spatial_size
+        # the same sizes as a list: TorchScript indexes lists, not tuples, with a loop variable
+        self.reference_size = list(spatial_size)
         init_value = complex(init_value)
         grid = rfft_grid_size(spatial_size)
         # real and imaginary parts stored side by side, (C, 2, *grid): interpolation treats them as 2C channels
@@ -89,47 +92,53 @@ class FFParser(nn.Module):
         weight[:, 1] = init_value.imag
         self.weight = nn.Parameter(weight)
 
-    def frequency_response(self, spatial_size: Sequence[int]) -> torch.Tensor:
+    def frequency_response(self, spatial_size: list[int]) -> torch.Tensor:
         """The complex map ``A`` applied to an input of ``spatial_size``: shape ``(C, *rfft_grid_size(size))``.
 
         The stored map at the reference size, else the stored map sampled at the normalised frequency of every bin
         of the new grid (class docstring).
         """
-        spatial_size = tuple(int(s) for s in spatial_size)
-        if len(spatial_size) != self.spatial_dims:
-            raise ValueError(f"spatial_size must have {self.spatial_dims} entries, got {spatial_size}.")
-        grid = rfft_grid_size(spatial_size)
+        size = [int(s) for s in spatial_size]
+        if len(size) != self.spatial_dims:
+            raise ValueError(f"spatial_size must have {self.spatial_dims} entries, got {size}.")
         weight = self.weight
-        if tuple(weight.shape[2:]) != grid:
-            weight = self._resample(weight, spatial_size).reshape(self.channels, 2, *grid)
+        if size != self.reference_size:
+            weight = self._resample(weight, size)
         return torch.complex(weight[:, 0], weight[:, 1])
 
-    def _resample(self, weight: torch.Tensor, spatial_size: tuple[int, ...]) -> torch.Tensor:
+    def _resample(self, weight: torch.Tensor, spatial_size: list[int]) -> torch.Tensor:
         """Sample the stored ``(C, 2, *grid)`` map at the frequencies of the rfft grid of ``spatial_size``."""
-        coords = []
-        for axis, (n_src, n_dst) in enumerate(zip(self.spatial_size, spatial_size)):
-            if axis == self.spatial_dims - 1:  # halved axis: bin i holds frequency i / n
+        coords: list[torch.Tensor] = []
+        last = self.spatial_dims - 1
+        for axis in range(self.spatial_dims):
+            n_src, n_dst = self.reference_size[axis], spatial_size[axis]
+            if axis == last:  # halved axis: bin i holds frequency i / n
                 freq = torch.fft.rfftfreq(n_dst, device=weight.device, dtype=weight.dtype)
                 position, length = freq * n_src, n_src // 2 + 1
             else:  # full axis, sampled in the centred (fftshift) layout where index n // 2 is the zero frequency
                 freq = torch.fft.fftfreq(n_dst, device=weight.device, dtype=weight.dtype)
                 position, length = freq * n_src + n_src // 2, n_src
             position = position.clamp(0, length - 1)  # beyond the stored range: nearest stored frequency
-            coords.append(position * (2 / (length - 1)) - 1 if length > 1 else torch.zeros_like(position))
+            if length > 1:
+                coords.append(position * (2.0 / (length - 1)) - 1.0)
+            else:
+                coords.append(torch.zeros_like(position))
+        grids = torch.meshgrid(coords, indexing="ij")
         # grid_sample wants the coordinates of the last axis first
-        sample_grid = torch.stack(torch.meshgrid(*coords, indexing="ij")[::-1], dim=-1)[None]
-        full_axes = tuple(range(2, 2 + self.spatial_dims - 1))
-        source = torch.fft.fftshift(weight.reshape(1, 2 * self.channels, *weight.shape[2:]), dim=full_axes)
-        return F.grid_sample(source, sample_grid, mode="bilinear", padding_mode="border", align_corners=True)
+        sample_grid = torch.stack([grids[i] for i in range(last, -1, -1)], dim=-1).unsqueeze(0)
+        full_axes = [2 + i for i in range(last)]
+        source = torch.fft.fftshift(weight.reshape([1, 2 * self.channels] + list(weight.shape[2:])), dim=full_axes)
+        sampled = F.grid_sample(source, sample_grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return sampled.reshape([self.channels, 2] + list(sampled.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial) -> (B, C, *spatial)``: filter each channel's spectrum by ``A``."""
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.channels:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.channels:
             raise ValueError(
-                f"FFParser expects (B, {self.channels}, <{self.spatial_dims} spatial dims>), got {tuple(x.shape)}."
+                f"FFParser expects (B, {self.channels}, <{self.spatial_dims} spatial dims>), got {list(x.shape)}."
             )
-        spatial = tuple(x.shape[2:])
-        axes = tuple(range(2, x.ndim))
+        spatial = x.shape[2:]
+        axes = [2 + i for i in range(self.spatial_dims)]
         work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         spectrum = torch.fft.rfftn(x.to(work_dtype), dim=axes, norm="ortho")
         response = self.frequency_response(spatial).to(spectrum.dtype)
