@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, TransformerBlock
 from monai.networks.layers.factories import Conv, Norm
 from monai.networks.nets.resnet import ResNetBottleneck
@@ -54,7 +55,8 @@ class _DecoderBlock(nn.Module):
 class TransUNet(nn.Module):
     """TransUNet (R50-ViT style, 2D): CNN encoder, ViT on the deepest map, cascaded upsampling decoder.
 
-    ``(B, in_channels, img_size, img_size) -> (B, out_channels, img_size, img_size)`` logits.
+    ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` logits, ``H = W = img_size`` by default (see below for
+    other sizes).
     :meth:`forward_with_embedding` also returns a ``(B, proj_dim)`` embedding (not normalised; the
     contrastive losses normalise it) from a projection head on the globally pooled ViT output, the
     feature the supervised contrastive terms of the COVID pipeline act on (the public code used the
@@ -73,13 +75,17 @@ class TransUNet(nn.Module):
        skip concatenation (1/8, 1/4 and 1/2 encoder maps; none at full size) and (conv3x3-BN-ReLU) x 2
        with ``decoder_channels``; 1x1 convolution to ``out_channels``.
 
+    Other input sizes: any height and width divisible by 16 are accepted; the learned position embeddings
+    (a ``(img_size / 16)``-square grid) are then resized bilinearly to the token grid, as TransUNet does when
+    it loads weights trained at another resolution. At ``img_size`` they are used as they are.
+
     Scriptable (``torch.jit.script(model)`` compiles :meth:`forward`); the attention matrices of the last
     forward are available from :meth:`attention_maps` when built with ``save_attn=True``.
 
     Args:
         in_channels: input channels. Default 1.
         out_channels: output channels (logits). Default 1.
-        img_size: input height = width, divisible by 16 (the position embeddings are sized for it).
+        img_size: input height = width the position embeddings are learned for, divisible by 16.
             Default 128 (the pipeline's 128 x 128 slices).
         stem_channels: width of the stem. Default 64 (ResNet-50).
         encoder_channels: output widths of the three bottleneck stages, each divisible by 4.
@@ -161,43 +167,49 @@ class TransUNet(nn.Module):
             nn.Linear(hidden_size, hidden_size), nn.ReLU(inplace=True), nn.Linear(hidden_size, proj_dim)
         )
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(B, C, S, S) -> ((B, N, hidden) tokens, [1/8, 1/4, 1/2 skip maps])``."""
+    def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``(1, grid_h * grid_w, hidden)``: the learned embeddings, resized bilinearly if the token grid differs."""
+        if grid_h == self.grid_size and grid_w == self.grid_size:
+            return self.position_embedding
+        hidden = self.position_embedding.shape[-1]
+        square = self.position_embedding.transpose(1, 2).reshape(1, hidden, self.grid_size, self.grid_size)
+        resized = F.interpolate(square, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+        return resized.flatten(2).transpose(1, 2)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """``(B, C, H, W) -> ((B, N, hidden) tokens, [1/8, 1/4, 1/2 skip maps], [H / 16, W / 16])``."""
         # skipped while tracing, where shapes are tensors (a trace is specialised to its input size anyway)
-        if not torch.jit.is_tracing() and (
-            x.dim() != 4 or x.shape[-2] != self.img_size or x.shape[-1] != self.img_size
-        ):
-            raise ValueError(
-                f"TransUNet expects (B, C, {self.img_size}, {self.img_size}) inputs (img_size), got {list(x.shape)}"
-            )
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[-2] % 16 != 0 or x.shape[-1] % 16 != 0):
+            raise ValueError(f"TransUNet expects (B, C, H, W) inputs with H and W divisible by 16, got {list(x.shape)}")
         x0 = self.stem(x)
         s1 = self.stage1(self.pool(x0))
         s2 = self.stage2(s1)
         s3 = self.stage3(s2)
+        grid = [int(s3.shape[-2]), int(s3.shape[-1])]
         tokens = self.patch_embedding(s3).flatten(2).transpose(1, 2)  # (B, N, hidden)
-        tokens = self.embedding_dropout(tokens + self.position_embedding)
+        tokens = self.embedding_dropout(tokens + self._position_embedding(grid[0], grid[1]))
         for block in self.vit_blocks:
             tokens = block(tokens)
-        return self.vit_norm(tokens), [s2, s1, x0]
+        return self.vit_norm(tokens), [s2, s1, x0], grid
 
-    def _decode(self, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, skips: list[torch.Tensor], grid: list[int]) -> torch.Tensor:
         b, n, c = tokens.shape
-        y = self.conv_more(tokens.transpose(1, 2).reshape(b, c, self.grid_size, self.grid_size))
+        y = self.conv_more(tokens.transpose(1, 2).reshape(b, c, grid[0], grid[1]))
         for i, block in enumerate(self.decoder):
             skip: torch.Tensor | None = skips[i] if i < len(skips) else None
             y = block(y, skip)
         return self.segmentation_head(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, S, S) -> (B, C_out, S, S)`` segmentation logits."""
-        tokens, skips = self._encode(x)
-        return self._decode(tokens, skips)
+        """``(B, C_in, H, W) -> (B, C_out, H, W)`` segmentation logits."""
+        tokens, skips, grid = self._encode(x)
+        return self._decode(tokens, skips, grid)
 
     @torch.jit.unused
     def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C_in, S, S) -> ((B, C_out, S, S) logits, (B, proj_dim) embedding)`` for the contrastive terms."""
-        tokens, skips = self._encode(x)
-        return self._decode(tokens, skips), self.projection(tokens.mean(dim=1))
+        """``(B, C_in, H, W) -> ((B, C_out, H, W) logits, (B, proj_dim) embedding)`` for the contrastive terms."""
+        tokens, skips, grid = self._encode(x)
+        return self._decode(tokens, skips, grid), self.projection(tokens.mean(dim=1))
 
     @torch.jit.unused
     def attention_maps(self) -> list[torch.Tensor]:

@@ -214,3 +214,34 @@ def test_lung_preprocessd_validates_inputs(chest):
         LungPreprocessd("image")({"image": MetaTensor(torch.zeros(2, 8, 8, 8))})
     with pytest.raises(ValueError, match="not an output"):
         LungRestored("pred")({"pred": torch.zeros(1, 4, 4, 4), "image": MetaTensor(torch.zeros(1, 4, 4, 4))})
+
+
+@pytest.mark.parametrize("category", [0, 1, 2])
+def test_lung_mask_recovers_the_lungs_of_synthetic_mosmed_studies(category):
+    from common.data.synthetic.chest_ct import make_chest_ct_case
+
+    case = make_chest_ct_case((64, 64, 16), np.random.default_rng([1, category]), category)
+    ct, spacing = nifti_to_zyx(case["image"], case["spacing"])
+    truth = np.transpose(case["lung"], (2, 1, 0)) > 0
+    assert dice(lung_mask(ct, spacing), truth) > 0.95
+
+
+def test_orientation_and_lung_grid_invert_onto_a_flipped_ct():
+    """The bundles' chain Orientationd -> LungPreprocessd, inverted by Invertd, lands on the file's grid and affine."""
+    from monai.transforms import Orientationd
+
+    from common.data.synthetic.chest_ct import make_chest_ct_case
+
+    case = make_chest_ct_case((64, 64, 16), np.random.default_rng(5), 1)
+    affine = case["affine"]  # diag(-sx, -sy, sz): LPS axes stored as RAS, as MosMed
+    assert affine[0, 0] < 0 and affine[1, 1] < 0
+    data = {
+        "image": MetaTensor(torch.as_tensor(case["image"][None].astype(np.float32)), affine=torch.as_tensor(affine))
+    }
+    pre = Compose([Orientationd("image", axcodes="RAS"), LungPreprocessd("image", grid=(16, 32, 32))])
+    out = pre(data)
+    out["pred"] = out["lung"].clone()
+    back = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)(out)["pred"]
+    assert tuple(back.shape) == (1, 64, 64, 16)
+    np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-5)
+    assert dice(back[0].numpy(), case["lung"]) > 0.9

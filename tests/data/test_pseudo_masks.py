@@ -97,3 +97,67 @@ def test_slice_classes_empty_when_one_class_is_empty():
     assert indices.size == labels.size == 0
     indices, _ = slice_classes(np.full(4, np.nan))
     assert indices.size == 0
+
+
+def test_pseudo_maskd_replaces_the_generator_output_and_empties_healthy_studies(volumes):
+    from monai.data import MetaTensor
+
+    from common.data.pseudo_masks import PseudoMaskd, SliceBurdend
+
+    data = {
+        "image": torch.as_tensor(volumes["covid"][None], dtype=torch.float32),
+        "lung": torch.as_tensor(volumes["lung"][None], dtype=torch.float32),
+        "pred": MetaTensor(torch.as_tensor(volumes["generated"][None], dtype=torch.float32), meta={"tag": 1}),
+        "category": "CT-1",
+    }
+    out = SliceBurdend("pred", lung_key="lung")(PseudoMaskd("pred", threshold=0.1)(data))
+    mask = out["pred"]
+    assert isinstance(mask, MetaTensor) and mask.meta["tag"] == 1 and mask.dtype == torch.float32
+    expected = pseudo_mask(volumes["covid"], volumes["generated"], volumes["lung"], 0.1)
+    np.testing.assert_array_equal(mask[0].numpy() > 0, expected)
+    np.testing.assert_allclose(out["slice_burden"], slice_burden(expected, volumes["lung"]), equal_nan=True)
+    healthy = PseudoMaskd("pred")({**data, "category": "CT-0"})
+    assert not healthy["pred"].any()
+    assert PseudoMaskd("pred", healthy_key=None)({**data, "category": "CT-0"})["pred"].any()
+    with pytest.raises(ValueError, match=r"\(1, Z, Y, X\)"):
+        PseudoMaskd("pred")({**data, "pred": data["pred"][0]})
+    with pytest.raises(ValueError, match="otsu"):
+        PseudoMaskd("pred", threshold="mean")
+
+
+def test_slice_classes_file_round_trip_and_grid_check(tmp_path):
+    from common.data.pseudo_masks import load_slice_classes, save_slice_classes
+    from common.errors import DataError
+
+    burdens = {"b": np.array([0.0, 0.4, np.nan, 0.1]), "a": np.array([0.05, 0.0, 0.3, 0.0])}
+    path = tmp_path / "pm" / "slice_classes.json"
+    written = save_slice_classes(path, burdens, grid=(4, 8, 8), seed=1)
+    content = load_slice_classes(path, grid=[4, 8, 8])
+    assert list(content["cases"]) == ["a", "b"] and content["grid"] == [4, 8, 8]
+    assert content["cases"]["b"]["burden"][2] is None  # NaN written as null
+    # the classes are slice_classes() of the burdens concatenated in case order
+    indices, labels = slice_classes(np.concatenate([burdens["a"], burdens["b"]]), seed=1)
+    flat = np.asarray(content["cases"]["a"]["class"] + content["cases"]["b"]["class"])
+    np.testing.assert_array_equal(np.flatnonzero(flat >= 0), indices)
+    np.testing.assert_array_equal(flat[indices], labels)
+    assert written["num_high"] == written["num_low"] == int((labels == 1).sum())
+    with pytest.raises(DataError, match="same roi_size"):
+        load_slice_classes(path, grid=(8, 8, 8))
+    with pytest.raises(DataError, match="run the pseudo-mask stage"):
+        load_slice_classes(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="slice burdens for a grid"):
+        save_slice_classes(path, {"a": np.zeros(3)}, grid=(4, 8, 8))
+
+
+def test_attach_pseudo_masks_names_missing_studies(tmp_path):
+    from common.data.pseudo_masks import attach_pseudo_masks
+    from common.errors import DataError
+
+    (tmp_path / "s1_pseudo.nii.gz").write_bytes(b"")
+    items = [{"case": "s1", "image": "a.nii.gz"}]
+    assert attach_pseudo_masks(items, tmp_path) == [{**items[0], "label": str(tmp_path / "s1_pseudo.nii.gz")}]
+    assert "label" not in items[0]  # the input is not modified
+    with pytest.raises(DataError, match="no pseudo-mask for s2"):
+        attach_pseudo_masks([*items, {"case": "s2", "image": "b.nii.gz"}], tmp_path)
+    with pytest.raises(DataError, match="already has 'label'"):
+        attach_pseudo_masks([{"case": "s1", "label": "masks/s1_mask.nii.gz"}], tmp_path)

@@ -90,7 +90,23 @@ def test_validation():
     with pytest.raises(ValueError, match="decoder_channels"):
         TransUNet(**{**TINY, "decoder_channels": (8, 8)})
     net = TransUNet(**TINY)
-    with pytest.raises(ValueError, match="img_size"):
-        net(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        net(torch.rand(1, 1, 40, 48))
     with pytest.raises(RuntimeError, match="save_attn"):
         net.attention_maps()
+
+
+def test_other_input_sizes_resize_the_position_embeddings(model):
+    # at img_size the learned embeddings are used unchanged; at other sizes they are resized to the token grid
+    assert model._position_embedding(4, 4) is model.position_embedding
+    resized = model._position_embedding(2, 3)
+    assert resized.shape == (1, 6, 16)
+    square = model.position_embedding.transpose(1, 2).reshape(1, 16, 4, 4)
+    expected = torch.nn.functional.interpolate(square, size=(2, 3), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resized, expected.flatten(2).transpose(1, 2))
+    x = torch.rand(2, 1, 32, 48)
+    with torch.no_grad(), torch.jit.optimized_execution(False):
+        out = model(x)
+        assert out.shape == (2, 2, 32, 48)
+        torch.testing.assert_close(torch.jit.script(model)(x), out)
+        assert model(torch.rand(1, 1, 16, 16)).shape == (1, 2, 16, 16)  # a single token

@@ -1,0 +1,176 @@
+"""The TransUNet epoch of the COVID-19 pipeline: a contrastive phase, then a segmentation phase.
+
+El Fahsi et al. (TransUNet on the 3D GAN pseudo-masks of Shabani et al., Computers in Biology and Medicine
+2022): each epoch first pulls together the embeddings of slices with the same pseudo-lesion burden class
+("high" / "low", :func:`common.data.pseudo_masks.slice_classes`) with a supervised contrastive loss
+(:mod:`common.losses.contrastive`), then trains the segmentation on the pseudo-masks with MSE + the
+sensitivity-enhanced BCE (:class:`common.losses.contrastive.SegmentationLoss`). The total objective is
+contrastive + MSE + sensitivity; both phases step the same optimiser (Adam), so one learning-rate schedule
+(ReduceLROnPlateau on the validation metric, in the bundle) governs both.
+
+Why a subclass of MONAI's ``SupervisedTrainer``: the segmentation phase *is* a supervised epoch (its
+iterations, events, metrics and handlers are MONAI's, unchanged); what MONAI has no place for is a second
+loop over another loader, with another loss on another output of the network, at the start of every epoch.
+It runs on ``Events.EPOCH_STARTED`` and reports its mean loss as ``engine.state.metrics["contrastive_loss"]``
+(which ``StatsHandler`` prints at the end of the epoch).
+
+Distributed training: with a ``DistributedDataParallel`` network the contrastive phase calls the wrapped
+module's ``forward_with_embedding`` (DDP only wraps ``forward``), averages the gradients over the ranks itself
+before each step and, at the end of the phase, broadcasts the buffers (batch-norm statistics) of rank 0, as DDP's
+forward does; the contrastive batch sampler must give every rank the same number of batches
+(:class:`common.data.slices.BalancedClassBatchSampler` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.inferers import Inferer
+from monai.transforms import Transform
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+__all__ = ["ContrastiveSegmentationTrainer"]
+
+
+class ContrastiveSegmentationTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` whose every epoch starts with a contrastive phase over ``contrastive_data_loader``.
+
+    Contrastive phase, for each batch ``{image_key: (B, C, H, W), class_key: (B,)}`` of the contrastive loader:
+    ``z = embed(image)`` (``network.forward_with_embedding(image)[1]``, ``(B, proj_dim)``), loss
+    ``contrastive_weight * contrastive_loss_function(z, classes)``, one optimiser step. Then the usual
+    supervised epoch over ``train_data_loader`` with ``loss_function`` (e.g. MSE + sensitivity-enhanced BCE
+    on the pseudo-masks).
+
+    Args:
+        device, max_epochs, train_data_loader, network, optimizer, loss_function: as ``SupervisedTrainer``;
+            ``network`` must have ``forward_with_embedding(x) -> (logits, embedding)`` (e.g.
+            :class:`common.networks.transunet.TransUNet`), possibly wrapped in ``DistributedDataParallel``.
+        contrastive_data_loader: batches holding both classes (see
+            :class:`common.data.slices.BalancedClassBatchSampler`), or ``None`` to skip the phase.
+        contrastive_loss_function: ``loss(z (B, D), classes (B,)) -> scalar``, e.g.
+            :class:`common.losses.contrastive.EnhancedSupConLoss`.
+        contrastive_weight: weight of the contrastive term, >= 0. Default 1.
+        image_key: key of the slices in the contrastive batches. Default ``"image"``.
+        class_key: key of the slice classes in the contrastive batches. Default ``"slice_class"``.
+        other arguments: as MONAI's ``SupervisedTrainer``.
+
+    Raises:
+        ValueError: ``contrastive_data_loader`` without ``contrastive_loss_function``, a negative weight, or a
+            network without ``forward_with_embedding``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable,
+        contrastive_data_loader: Iterable | DataLoader | None = None,
+        contrastive_loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        contrastive_weight: float = 1.0,
+        image_key: str = "image",
+        class_key: str = "slice_class",
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        inferer: Inferer | None = None,
+        postprocessing: Transform | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        if contrastive_data_loader is not None and contrastive_loss_function is None:
+            raise ValueError("a contrastive_data_loader needs a contrastive_loss_function")
+        if contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
+        module = network.module if isinstance(network, DistributedDataParallel) else network
+        if contrastive_data_loader is not None and not callable(getattr(module, "forward_with_embedding", None)):
+            raise ValueError(f"{type(module).__name__} has no forward_with_embedding(x) -> (logits, embedding)")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            inferer=inferer,
+            postprocessing=postprocessing,
+            key_train_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            train_handlers=train_handlers,
+            amp=amp,
+            decollate=decollate,
+            optim_set_to_none=optim_set_to_none,
+            amp_kwargs=amp_kwargs,
+        )
+        self.contrastive_data_loader = contrastive_data_loader
+        self.contrastive_loss_function = contrastive_loss_function
+        self.contrastive_weight = float(contrastive_weight)
+        self.image_key = image_key
+        self.class_key = class_key
+        if contrastive_data_loader is not None:
+            self.add_event_handler(Events.EPOCH_STARTED, self._contrastive_phase)
+
+    def _contrastive_phase(self, engine: ContrastiveSegmentationTrainer) -> None:
+        """One pass over the contrastive loader; the mean loss goes to ``engine.state.metrics``."""
+        network = engine.network
+        ddp = isinstance(network, DistributedDataParallel)
+        module: Any = network.module if ddp else network
+        sampler = getattr(engine.contrastive_data_loader, "batch_sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(engine.state.epoch)
+        module.train()
+        total, steps = 0.0, 0
+        for batch in engine.contrastive_data_loader:
+            images = torch.as_tensor(batch[engine.image_key]).to(engine.state.device, non_blocking=engine.non_blocking)
+            classes = torch.as_tensor(batch[engine.class_key]).to(engine.state.device, non_blocking=engine.non_blocking)
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            with torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else contextlib.nullcontext():
+                _, embedding = module.forward_with_embedding(images)
+            loss = engine.contrastive_weight * engine.contrastive_loss_function(embedding.float(), classes)
+            if engine.amp and engine.scaler is not None:
+                engine.scaler.scale(loss).backward()
+                if ddp:
+                    engine.scaler.unscale_(engine.optimizer)
+                    _average_gradients(module)
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+            else:
+                loss.backward()
+                if ddp:
+                    _average_gradients(module)
+                engine.optimizer.step()
+            total += loss.item()
+            steps += 1
+        if steps == 0:
+            raise ValueError("the contrastive data loader yielded no batch")
+        if ddp and network.broadcast_buffers:
+            # as DDP's own forward does: batch-norm statistics of rank 0 everywhere, so the ranks stay identical
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+        engine.state.metrics["contrastive_loss"] = total / steps
+
+
+def _average_gradients(module: nn.Module) -> None:
+    """All-reduce (mean) the gradients of ``module`` over the default process group."""
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
