@@ -6,7 +6,12 @@ FSIM. :func:`fusion_metrics` gathers them over a whole volume, or over one slice
 (Liu et al., ICONIP 2023: axial slice 64 of the 128^3 volume, :data:`PAPER_SLICE_INDEX`), averaging each pairwise
 metric over (F, MRI) and (F, PET) like the paper.
 
-Baselines: :func:`average_fusion`, :func:`maximum_fusion`, :func:`laplacian_pyramid_fusion`.
+:class:`FusionScorer` scores many candidate fusions of one MRI-PET pair, computing the sources' FSIM and edge maps
+once. :func:`rank_methods` ranks methods by the summary of :data:`RANKING_METRICS` (SSIM averaged over the two
+sources, Qabf, and the lower of the two PSNRs): averaged PSNR rewards copying one source (its PSNR against that
+source is infinite), the lower PSNR does not.
+
+Baselines (:data:`BASELINES`): :func:`average_fusion`, :func:`maximum_fusion`, :func:`laplacian_pyramid_fusion`.
 
 Inputs are numpy arrays or torch tensors of one image, ``(H, W)`` or ``(D, H, W)``; leading singleton axes
 (batch, channel) are dropped. Intensities are expected in ``[0, data_range]`` (DC2Fusion scales to [0, 1]).
@@ -17,14 +22,20 @@ the last axis: ``axis=-1`` (the default) everywhere below.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.metrics.regression import compute_ssim_and_cs
 from scipy import ndimage
 
+from common.metrics.ssim import separable_ssim_map
+
 __all__ = [
+    "BASELINES",
     "PAPER_SLICE_INDEX",
+    "RANKING_METRICS",
+    "FusionScorer",
+    "rank_methods",
     "take_slice",
     "psnr",
     "ssim",
@@ -44,6 +55,8 @@ ArrayLike = np.ndarray | torch.Tensor
 
 #: the DC2Fusion paper evaluates axial slice 64 of its 128^3 volumes
 PAPER_SLICE_INDEX = 64
+#: the summary methods are ranked by; higher is better for each
+RANKING_METRICS = ("ssim", "qabf", "psnr_min")
 
 
 def _as_image(x: ArrayLike, name: str = "image") -> np.ndarray:
@@ -101,23 +114,15 @@ def ssim(
 ) -> float:
     """Mean structural similarity (Wang et al. 2004) with a Gaussian window, 2D or 3D by the input's dimension.
 
-    Computed with MONAI's ``compute_ssim_and_cs`` (K1 = 0.01, K2 = 0.03, population covariances, the map taken
-    where the window fits, i.e. without padding). ``skimage.metrics.structural_similarity(..., data_range=1,
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` uses the same window and the same cropped
-    mean; the two agree to about 1e-5 (MONAI computes in float32).
+    MONAI's SSIM (K1 = 0.01, K2 = 0.03, population covariances, the map taken where the window fits, i.e. without
+    padding), computed in float64 with separable filtering (:func:`~common.metrics.ssim.separable_ssim_map`).
+    ``skimage.metrics.structural_similarity(..., data_range=1, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False)`` uses the same window and the same cropped mean; the two agree to 1e-10.
     """
     a, b = _as_pair(image, reference)
     if min(a.shape) < win_size:
         raise ValueError(f"image of shape {a.shape} is smaller than the SSIM window {win_size}.")
-    ssim_map, _ = compute_ssim_and_cs(
-        torch.from_numpy(a)[None, None],
-        torch.from_numpy(b)[None, None],
-        spatial_dims=a.ndim,
-        kernel_size=[win_size] * a.ndim,
-        kernel_sigma=[sigma] * a.ndim,
-        data_range=data_range,
-    )
-    return float(ssim_map.mean())
+    return float(separable_ssim_map(a[None, None], b[None, None], data_range, win_size, sigma).mean())
 
 
 def _entropy_bits(p: np.ndarray) -> float:
@@ -235,10 +240,41 @@ def qabf(
     a, b = _as_pair(source_a, source_b, ("source_a", "source_b"))
     if a.shape != f.shape:
         raise ValueError(f"fused and sources must have the same shape, got {f.shape} and {a.shape}.")
-    g_f, o_f = _edge_strength_orientation(_as_slices(f, axis))
+    edges = [_edge_strength_orientation(_as_slices(x, axis)) for x in (f, a, b)]
+    params = {
+        "weight_exponent": weight_exponent,
+        "gamma_g": gamma_g,
+        "kappa_g": kappa_g,
+        "sigma_g": sigma_g,
+        "gamma_a": gamma_a,
+        "kappa_a": kappa_a,
+        "sigma_a": sigma_a,
+        "wrap_orientation": wrap_orientation,
+    }
+    return _qabf_from_edges(*edges, **params)
 
-    def preservation(source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g_s, o_s = _edge_strength_orientation(_as_slices(source, axis))
+
+_Edges = tuple[np.ndarray, np.ndarray]
+
+
+def _qabf_from_edges(
+    fused: _Edges,
+    source_a: _Edges,
+    source_b: _Edges,
+    weight_exponent: float = 1.0,
+    gamma_g: float = 0.9994,
+    kappa_g: float = -15.0,
+    sigma_g: float = 0.5,
+    gamma_a: float = 0.9879,
+    kappa_a: float = -22.0,
+    sigma_a: float = 0.8,
+    wrap_orientation: bool = True,
+) -> float:
+    """Q^{AB/F} from the ``(strength, orientation)`` maps of ``(S, H, W)`` slices (see :func:`qabf`)."""
+    g_f, o_f = fused
+
+    def preservation(source: _Edges) -> tuple[np.ndarray, np.ndarray]:
+        g_s, o_s = source
         high = np.maximum(g_s, g_f)
         strength = np.where(high > 0, np.minimum(g_s, g_f) / np.where(high > 0, high, 1.0), 1.0)
         diff = np.abs(o_s - o_f)
@@ -249,8 +285,8 @@ def qabf(
         q_a = gamma_a / (1.0 + np.exp(kappa_a * (orient - sigma_a)))
         return q_g * q_a, g_s**weight_exponent
 
-    q_a_f, w_a = preservation(a)
-    q_b_f, w_b = preservation(b)
+    q_a_f, w_a = preservation(source_a)
+    q_b_f, w_b = preservation(source_b)
     numerator = (q_a_f * w_a + q_b_f * w_b).sum(axis=(1, 2))
     denominator = (w_a + w_b).sum(axis=(1, 2))
     has_edges = denominator > 0
@@ -384,6 +420,74 @@ def fsim(image: ArrayLike, reference: ArrayLike, data_range: float = 1.0, axis: 
     return _fsim_from_maps(_fsim_maps(_as_slices(a, axis), data_range), _fsim_maps(_as_slices(b, axis), data_range))
 
 
+class FusionScorer:
+    """Every fusion metric of candidate fused images against one MRI-PET pair, whole image or one slice.
+
+    The sources' FSIM maps (phase congruency and gradient), Sobel edges and entropies are computed once, so scoring
+    several methods on one case costs little more than scoring one. ``FusionScorer(mri, pet)(fused)`` equals
+    :func:`fusion_metrics` ``(fused, mri, pet)``.
+
+    Args:
+        mri, pet: one 2D or 3D image each, same shape (leading singleton axes allowed), in ``[0, data_range]``.
+        slice_index: None (default) scores the whole image (3D PSNR, 3D SSIM, histograms of all voxels; Qabf and
+            FSIM slice by slice along ``axis``); an integer scores that 2D slice only, e.g.
+            :data:`PAPER_SLICE_INDEX` for the paper's protocol.
+        axis: slice axis (default -1, axial for RAS volumes).
+        data_range: intensity range for PSNR, SSIM and FSIM (default 1.0).
+        bins: histogram bins over ``[0, data_range]`` for MI and entropy (default 256).
+        nmi_bins: bins of NMI, skimage's convention (default 100).
+    """
+
+    def __init__(
+        self,
+        mri: ArrayLike,
+        pet: ArrayLike,
+        slice_index: int | None = None,
+        axis: int = -1,
+        data_range: float = 1.0,
+        bins: int = 256,
+        nmi_bins: int = 100,
+    ) -> None:
+        m, p = _as_pair(mri, pet, ("mri", "pet"))
+        if data_range <= 0 or bins < 2 or nmi_bins < 2:
+            raise ValueError(f"data_range must be positive and bins >= 2, got {data_range}, {bins}, {nmi_bins}.")
+        self.shape = m.shape
+        self.slice_index, self.axis = slice_index, axis
+        self.data_range, self.bins, self.nmi_bins = data_range, bins, nmi_bins
+        if slice_index is not None:
+            m, p = take_slice(m, slice_index, axis), take_slice(p, slice_index, axis)
+        self.sources = {"mri": m, "pet": p}
+        value_range = (0.0, data_range)
+        self._fsim_maps = {name: _fsim_maps(_as_slices(src, axis), data_range) for name, src in self.sources.items()}
+        self._edges = {name: _edge_strength_orientation(_as_slices(src, axis)) for name, src in self.sources.items()}
+        self._entropy = {name: entropy(src, bins=bins, value_range=value_range) for name, src in self.sources.items()}
+
+    def __call__(self, fused: ArrayLike) -> dict[str, float]:
+        """The metrics of ``fused`` (same shape as the sources); keys as in :func:`fusion_metrics`."""
+        f = _as_image(fused, "fused")
+        if f.shape != self.shape:
+            raise ValueError(f"fused must have the sources' shape {self.shape}, got {f.shape}.")
+        if self.slice_index is not None:
+            f = take_slice(f, self.slice_index, self.axis)
+        value_range = (0.0, self.data_range)
+        fused_maps = _fsim_maps(_as_slices(f, self.axis), self.data_range)
+        result: dict[str, float] = {}
+        for name, src in self.sources.items():
+            result[f"psnr_{name}"] = psnr(f, src, self.data_range)
+            result[f"ssim_{name}"] = ssim(f, src, self.data_range)
+            result[f"nmi_{name}"] = normalized_mutual_information(f, src, bins=self.nmi_bins)
+            result[f"mi_{name}"] = mutual_information(f, src, bins=self.bins, value_range=value_range)
+            result[f"fsim_{name}"] = _fsim_from_maps(fused_maps, self._fsim_maps[name])
+            result[f"entropy_{name}"] = self._entropy[name]
+        for metric in ("psnr", "ssim", "nmi", "mi", "fsim"):
+            result[metric] = 0.5 * (result[f"{metric}_mri"] + result[f"{metric}_pet"])
+        result["psnr_min"] = min(result["psnr_mri"], result["psnr_pet"])
+        edges = _edge_strength_orientation(_as_slices(f, self.axis))
+        result["qabf"] = _qabf_from_edges(edges, self._edges["mri"], self._edges["pet"])
+        result["entropy"] = entropy(f, bins=self.bins, value_range=value_range)
+        return result
+
+
 def fusion_metrics(
     fused: ArrayLike,
     mri: ArrayLike,
@@ -413,29 +517,47 @@ def fusion_metrics(
         ``entropy_pet`` of the sources.
     """
     f = _as_image(fused, "fused")
-    sources = {"mri": _as_image(mri, "mri"), "pet": _as_image(pet, "pet")}
-    for name, src in sources.items():
-        if src.shape != f.shape:
-            raise ValueError(f"fused and {name} must have the same shape, got {f.shape} and {src.shape}.")
-    if slice_index is not None:
-        f = take_slice(f, slice_index, axis)
-        sources = {name: take_slice(src, slice_index, axis) for name, src in sources.items()}
-    value_range = (0.0, data_range)
-    result: dict[str, float] = {}
-    fused_maps = _fsim_maps(_as_slices(f, axis), data_range)
-    for name, src in sources.items():
-        result[f"psnr_{name}"] = psnr(f, src, data_range)
-        result[f"ssim_{name}"] = ssim(f, src, data_range)
-        result[f"nmi_{name}"] = normalized_mutual_information(f, src, bins=nmi_bins)
-        result[f"mi_{name}"] = mutual_information(f, src, bins=bins, value_range=value_range)
-        result[f"fsim_{name}"] = _fsim_from_maps(fused_maps, _fsim_maps(_as_slices(src, axis), data_range))
-        result[f"entropy_{name}"] = entropy(src, bins=bins, value_range=value_range)
-    for metric in ("psnr", "ssim", "nmi", "mi", "fsim"):
-        result[metric] = 0.5 * (result[f"{metric}_mri"] + result[f"{metric}_pet"])
-    result["psnr_min"] = min(result["psnr_mri"], result["psnr_pet"])
-    result["qabf"] = qabf(f, sources["mri"], sources["pet"], axis=axis)
-    result["entropy"] = entropy(f, bins=bins, value_range=value_range)
-    return result
+    for name, src in (("mri", mri), ("pet", pet)):
+        if _as_image(src, name).shape != f.shape:
+            raise ValueError(f"fused and {name} must have the same shape, got {f.shape} and {_as_image(src).shape}.")
+    return FusionScorer(mri, pet, slice_index, axis, data_range, bins, nmi_bins)(f)
+
+
+def rank_methods(
+    scores: Mapping[str, Mapping[str, float]], metrics: Sequence[str] = RANKING_METRICS
+) -> dict[str, dict[str, float]]:
+    """Rank fusion methods on each of ``metrics`` (higher is better) and overall by their mean rank.
+
+    Rank 1 is the best; tied values share the better rank (1, 2, 2, 4); a NaN ranks last. The overall order is
+    by mean rank, lower first.
+
+    Args:
+        scores: ``{method: {metric: value}}``, e.g. per-method means of :func:`fusion_metrics` over cases.
+        metrics: the metrics to rank by (default :data:`RANKING_METRICS`).
+
+    Returns:
+        ``{method: {"rank_<metric>": r, ..., "mean_rank": m, "position": p}}`` with ``position`` 1 for the method
+        of lowest mean rank (ties share a position), in that order.
+    """
+    if not scores:
+        raise ValueError("no methods to rank.")
+    missing = {m: [k for k in metrics if k not in v] for m, v in scores.items()}
+    missing = {m: k for m, k in missing.items() if k}
+    if missing:
+        raise ValueError(f"methods lack ranking metrics: {missing}.")
+    ranks: dict[str, dict[str, float]] = {method: {} for method in scores}
+    for metric in metrics:
+        values = {m: float(v[metric]) for m, v in scores.items()}
+        for method, value in values.items():
+            better = sum(
+                1 for other in values.values() if not math.isnan(other) and (math.isnan(value) or other > value)
+            )
+            ranks[method][f"rank_{metric}"] = float(1 + better)
+    for r in ranks.values():
+        r["mean_rank"] = float(np.mean([r[f"rank_{metric}"] for metric in metrics]))
+    for r in ranks.values():
+        r["position"] = float(1 + sum(1 for other in ranks.values() if other["mean_rank"] < r["mean_rank"]))
+    return dict(sorted(ranks.items(), key=lambda item: item[1]["mean_rank"]))
 
 
 def _like(result: np.ndarray, template: ArrayLike) -> ArrayLike:
@@ -525,3 +647,11 @@ def laplacian_pyramid_fusion(mri: ArrayLike, pet: ArrayLike, levels: int = 4, si
             out = _upsample(out, da.shape) + np.where(np.abs(da) >= np.abs(db), da, db)
         fused[i] = out
     return _like(fused.reshape((*lead, *fused.shape[1:])), mri)
+
+
+#: the classical fusion baselines by name: ``fn(mri, pet) -> fused`` (numpy or torch in, the same out)
+BASELINES: dict[str, Callable[[ArrayLike, ArrayLike], ArrayLike]] = {
+    "average": average_fusion,
+    "maximum": maximum_fusion,
+    "laplacian_pyramid": laplacian_pyramid_fusion,
+}

@@ -1,7 +1,9 @@
 """DC2Fusion: unsupervised 3D MRI-PET fusion with a shared-weight, dual-stream deformable cross-attention encoder.
 
-Liu et al., "DC2Fusion: Deformable Cross-modality Convolution and Cross-attention for 3D MRI-PET fusion",
-ICONIP 2023 (arXiv 2310.06291). See :mod:`common.networks.blocks.deformable_cross_attention` for the DCFB block.
+L. Liu, X. Fan, C. Zhang, J. Dai, Y. Xie, X. Liang, "Three-Dimensional Medical Image Fusion with Deformable
+Cross-Attention", ICONIP 2023 (arXiv 2310.06291); the method is known by its code name DC2Fusion. See
+:mod:`common.networks.blocks.deformable_cross_attention` for the DCFB block. The network compiles with
+``torch.jit.script``; ``forward`` takes one stacked MRI+PET tensor or the two volumes.
 """
 
 from __future__ import annotations
@@ -16,36 +18,87 @@ from monai.networks.blocks.unetr_block import UnetrUpBlock
 
 from common.networks.blocks.deformable_cross_attention import DeformableCrossFeatureBlendBlock
 
-__all__ = ["DC2Fusion", "l1_weighted_fusion"]
+__all__ = ["OUTPUT_ACTIVATIONS", "DC2Fusion", "DualStreamEncoderStage", "l1_weighted_fusion"]
+
+#: choices of ``DC2Fusion(output_activation=...)``
+OUTPUT_ACTIVATIONS = (None, "abs", "sigmoid")
 
 
-def l1_weighted_fusion(f1: torch.Tensor, f2: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def l1_weighted_fusion(
+    f1: torch.Tensor, f2: torch.Tensor, eps: float = 1e-6, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L1-norm weighted fusion of two feature maps: ``(B, C, *S) x 2 -> (B, C, *S), (B, 2, *S)``.
 
     ``F = w_1 f_1 + w_2 f_2`` with, per voxel, ``n_i = ||f_i||_1`` (sum of absolute values over channels) and
     ``w_i = (n_i + eps) / ((n_1 + eps) + (n_2 + eps))``. The weights are positive and sum to 1 at every voxel;
     ``eps`` only matters where both maps vanish (there ``w_1 = w_2 = 1/2``), and equal maps get exactly equal
-    weights, so ``f_1 == f_2`` gives ``F == f_1``. The paper writes the unnormalised ``n_1 f_1 + n_2 f_2``; the
-    normalised form keeps ``F`` on the scale of the ``f_i``.
+    weights, so ``f_1 == f_2`` gives ``F == f_1``.
+
+    The paper writes the unnormalised ``F = n_1 f_1 + n_2 f_2`` (``normalize=False``, weights ``w_i = n_i``),
+    which is quadratic in the features and changes their scale; the normalised form (default) keeps ``F`` on the
+    scale of the ``f_i``, so the following 1x1x1 projection sees inputs of a stable range.
 
     Returns:
         the fused map and the weights ``cat(w_1, w_2)`` along the channel axis.
     """
     if f1.shape != f2.shape or f1.ndim < 3:
-        raise ValueError(f"f1 and f2 must share a (B, C, ...) shape, got {tuple(f1.shape)} and {tuple(f2.shape)}.")
+        raise ValueError(f"f1 and f2 must share a (B, C, ...) shape, got {f1.shape} and {f2.shape}.")
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}.")
-    n1 = f1.abs().sum(dim=1, keepdim=True) + eps
-    n2 = f2.abs().sum(dim=1, keepdim=True) + eps
-    total = n1 + n2
-    w1, w2 = n1 / total, n2 / total
-    return w1 * f1 + w2 * f2, torch.cat((w1, w2), dim=1)
+    n1 = f1.abs().sum(dim=1, keepdim=True)
+    n2 = f2.abs().sum(dim=1, keepdim=True)
+    if normalize:
+        total = n1 + n2 + 2 * eps
+        n1, n2 = (n1 + eps) / total, (n2 + eps) / total
+    return n1 * f1 + n2 * f2, torch.cat((n1, n2), dim=1)
+
+
+class DualStreamEncoderStage(nn.Module):
+    """One encoder stage applied to both streams with the same weights: ``(B, C_in, D, H, W) x 2 ->
+    (B, C, D / k, H / k, W / k) x 2``.
+
+    ``embed`` (patch embedding for the first stage, patch merging for the others) maps each stream; then each
+    DCFB block updates the MRI stream from the PET stream and the PET stream from the *updated* MRI stream::
+
+        x_mri = blk(x_mri, x_pet)
+        x_pet = blk(x_pet, x_mri)
+
+    Args:
+        embed: the down-sampling embedding, e.g. MONAI's ``PatchEmbed``.
+        blocks: the stage's :class:`DeformableCrossFeatureBlendBlock` modules.
+    """
+
+    def __init__(self, embed: nn.Module, blocks: Sequence[DeformableCrossFeatureBlendBlock]) -> None:
+        super().__init__()
+        if len(blocks) < 1:
+            raise ValueError("a stage needs at least one DCFB block.")
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.embed(x), self.embed(y)
+        for block in self.blocks:
+            x = block(x, y)
+            y = block(y, x)
+        return x, y
+
+    def forward_with_maps(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """:meth:`forward` plus the offsets and attention of every block call, in execution order (MRI, PET)."""
+        x, y = self.embed(x), self.embed(y)
+        maps: list[dict[str, torch.Tensor]] = []
+        for block in self.blocks:
+            x, mx = block.forward_with_maps(x, y)
+            y, my = block.forward_with_maps(y, x)
+            maps += [mx, my]
+        return x, y, maps
 
 
 class DC2Fusion(nn.Module):
     """DC2Fusion network: an MRI and a PET volume -> one fused volume, ``(B, 1, D, H, W) x 2 -> (B, 1, D, H, W)``.
 
-    Liu et al., ICONIP 2023 (arXiv 2310.06291); 3D only.
+    Liu et al., ICONIP 2023 (arXiv 2310.06291), code name DC2Fusion; 3D only.
 
     Encoder (one set of weights for both streams): patch embedding (Conv3d, kernel = stride = ``patch_size``,
     then LayerNorm; MONAI's ``PatchEmbed``) and ``len(depths)`` stages; stage ``i > 0`` starts with patch merging
@@ -61,8 +114,17 @@ class DC2Fusion(nn.Module):
 
     Head: the two decoded streams are concatenated, a ConvTranspose3d (kernel = stride = ``patch_size``) returns
     to full resolution with ``2 * head_channels`` channels, split into ``f1`` and ``f2``; their L1-norm weighted
-    combination (:func:`l1_weighted_fusion`) is projected to ``out_channels`` by a 1x1x1 convolution. The output
-    has no activation (the loss compares it with inputs scaled to [0, 1]).
+    combination (:func:`l1_weighted_fusion`) is projected to ``out_channels`` by a 1x1x1 convolution. The paper's
+    output has no activation (``output_activation=None``, the default).
+
+    Output activation: the DC2Fusion loss cannot tell a fused image from its negative except through its L1 terms
+    (MONAI's LNCC is squared, and SSIM(-x, x) is close to 1 where luminance and structure both flip sign), and
+    short runs can settle on the negative. ``"abs"`` returns ``|F|``, which maps that basin onto the positive
+    solution, keeps exact zeros reachable and never saturates; ``"sigmoid"`` bounds ``F`` to (0, 1) but cannot reach
+    the zero background the SSIM windows are sensitive to.
+
+    Each encoder stage is a :class:`DualStreamEncoderStage`: stage 0 embeds patches, stage ``i > 0`` merges
+    them, and its blocks update the two streams in turn.
 
     Input sizes: every spatial size must be divisible by ``patch_size * 2**(len(depths) - 1)``
     (:attr:`size_divisor`, 32 for the defaults; use MONAI's ``DivisiblePad`` otherwise); the attention windows
@@ -92,6 +154,9 @@ class DC2Fusion(nn.Module):
         attn_drop_rate: dropout on the attention weights (default 0).
         drop_path_rate: stochastic depth, increasing linearly over all blocks up to this value (default 0).
         fusion_eps: ``eps`` of :func:`l1_weighted_fusion` (default 1e-6).
+        normalize_fusion_weights: normalise the L1-norm weights to sum to 1 (default True); False is the
+            paper's literal ``F = |f1|_1 f1 + |f2|_1 f2``.
+        output_activation: ``None`` (default, the paper), ``"abs"`` or ``"sigmoid"``, applied to the fused output.
         padding_mode: ``grid_sample`` padding of the deformable sampling (default ``"border"``).
 
     Example::
@@ -123,6 +188,8 @@ class DC2Fusion(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         fusion_eps: float = 1e-6,
+        normalize_fusion_weights: bool = True,
+        output_activation: str | None = None,
         padding_mode: str = "border",
     ) -> None:
         super().__init__()
@@ -149,42 +216,46 @@ class DC2Fusion(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
         if fusion_eps <= 0:
             raise ValueError(f"fusion_eps must be positive, got {fusion_eps}.")
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}.")
 
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.size_divisor = patch_size * 2 ** (len(depths) - 1)
         self.fusion_eps = fusion_eps
+        self.normalize_fusion_weights = normalize_fusion_weights
+        self.output_activation = "none" if output_activation is None else output_activation
 
-        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim, norm_layer=nn.LayerNorm, spatial_dims=3)
-        self.patch_merging = nn.ModuleList(
-            PatchEmbed(2, widths[i - 1], widths[i], norm_layer=nn.LayerNorm, spatial_dims=3)
-            for i in range(1, len(depths))
-        )
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
+        stages = []
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
-            first = sum(depths[:i])
-            self.stages.append(
-                nn.ModuleList(
-                    DeformableCrossFeatureBlendBlock(
-                        dim=widths[i],
-                        num_heads=heads,
-                        window_size=window_size,
-                        mlp_ratio=mlp_ratio,
-                        offset_range=offset_range,
-                        conv_kernel_size=conv_kernel_size,
-                        conv_norm=conv_norm,
-                        interaction_reduction=interaction_reduction,
-                        qkv_bias=qkv_bias,
-                        use_rel_pos_bias=use_rel_pos_bias,
-                        drop=drop_rate,
-                        attn_drop=attn_drop_rate,
-                        drop_path=rates[first + j],
-                        padding_mode=padding_mode,
-                    )
-                    for j in range(depth)
-                )
+            embed = (
+                PatchEmbed(patch_size, in_channels, embed_dim, norm_layer=nn.LayerNorm, spatial_dims=3)
+                if i == 0
+                else PatchEmbed(2, widths[i - 1], widths[i], norm_layer=nn.LayerNorm, spatial_dims=3)
             )
+            first = sum(depths[:i])
+            blocks = [
+                DeformableCrossFeatureBlendBlock(
+                    dim=widths[i],
+                    num_heads=heads,
+                    window_size=window_size,
+                    mlp_ratio=mlp_ratio,
+                    offset_range=offset_range,
+                    conv_kernel_size=conv_kernel_size,
+                    conv_norm=conv_norm,
+                    interaction_reduction=interaction_reduction,
+                    qkv_bias=qkv_bias,
+                    use_rel_pos_bias=use_rel_pos_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[first + j],
+                    padding_mode=padding_mode,
+                )
+                for j in range(depth)
+            ]
+            stages.append(DualStreamEncoderStage(embed, blocks))
+        self.stages = nn.ModuleList(stages)
         # decoder[k] lifts stage (n-1-k) to stage (n-2-k), concatenating that stage's skip
         self.decoder = nn.ModuleList(
             UnetrUpBlock(
@@ -206,31 +277,66 @@ class DC2Fusion(nn.Module):
             if mri.ndim != 5 or mri.shape[1] != 2 * self.in_channels:
                 raise ValueError(
                     f"with pet=None the input must stack MRI and PET on the channel axis, (B, {2 * self.in_channels},"
-                    f" D, H, W); got {tuple(mri.shape)}."
+                    f" D, H, W); got {mri.shape}."
                 )
-            mri, pet = mri[:, : self.in_channels], mri[:, self.in_channels :]
+            pet = mri[:, self.in_channels :]
+            mri = mri[:, : self.in_channels]
         if mri.ndim != 5 or mri.shape[1] != self.in_channels:
-            raise ValueError(f"mri must be (B, {self.in_channels}, D, H, W), got {tuple(mri.shape)}.")
+            raise ValueError(f"mri must be (B, {self.in_channels}, D, H, W), got {mri.shape}.")
         if pet.shape != mri.shape:
-            raise ValueError(f"mri and pet must have the same shape, got {tuple(mri.shape)} and {tuple(pet.shape)}.")
-        bad = [s for s in mri.shape[2:] if s % self.size_divisor != 0]
-        if bad:
-            raise ValueError(
-                f"spatial size {tuple(mri.shape[2:])} is not divisible by {self.size_divisor} (patch_size * "
-                f"2**(stages - 1)); pad or crop the volumes, e.g. with monai.transforms.DivisiblePad(k={self.size_divisor})."
-            )
+            raise ValueError(f"mri and pet must have the same shape, got {mri.shape} and {pet.shape}.")
+        for size in mri.shape[2:]:
+            if size % self.size_divisor != 0:
+                raise ValueError(
+                    f"spatial size {mri.shape[2:]} is not divisible by {self.size_divisor} (patch_size * "
+                    f"2**(stages - 1)); pad or crop the volumes, e.g. with monai.transforms.DivisiblePad(k="
+                    f"{self.size_divisor})."
+                )
         return mri, pet
 
     def _decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
-        out = skips[-1]
-        for up, skip in zip(self.decoder, reversed(skips[:-1])):
-            out = up(out, skip)
+        """Deepest stage up to the patch grid: ``UnetrUpBlock`` with each shallower skip in turn."""
+        n = len(skips)
+        out = skips[n - 1]
+        for k, up in enumerate(self.decoder):
+            out = up(out, skips[n - 2 - k])
         return out
+
+    def _head(self, skips_x: list[torch.Tensor], skips_y: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode both streams, return to full resolution and fuse: ``(fused, fusion weights)``."""
+        features = self.head_up(torch.cat((self._decode(skips_x), self._decode(skips_y)), dim=1))
+        f1, f2 = features.chunk(2, dim=1)
+        fused, weights = l1_weighted_fusion(f1, f2, self.fusion_eps, self.normalize_fusion_weights)
+        out = self.head_out(fused)
+        if self.output_activation == "abs":
+            out = out.abs()
+        elif self.output_activation == "sigmoid":
+            out = torch.sigmoid(out)
+        return out, weights
+
+    def forward(self, mri: torch.Tensor, pet: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            mri: ``(B, in_channels, D, H, W)``, or MRI and PET stacked on the channel axis when ``pet`` is None
+                (the form MONAI inferers, ``verify_net_in_out`` and the TorchScript export pass).
+            pet: ``(B, in_channels, D, H, W)``.
+
+        Returns:
+            the fused volume ``(B, out_channels, D, H, W)``.
+        """
+        x, y = self._split_inputs(mri, pet)
+        skips_x: list[torch.Tensor] = []
+        skips_y: list[torch.Tensor] = []
+        for stage in self.stages:
+            x, y = stage(x, y)
+            skips_x.append(x)
+            skips_y.append(y)
+        return self._head(skips_x, skips_y)[0]
 
     def forward_with_maps(
         self, mri: torch.Tensor, pet: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Fuse and return the intermediate maps for inspection.
+        """Fuse and return the intermediate maps for inspection (eager mode only).
 
         Returns:
             ``(fused, maps)``; ``maps["blocks"]`` lists one dict per block call in execution order with keys
@@ -238,41 +344,13 @@ class DC2Fusion(nn.Module):
             that stage and ``attention`` ``(B * nW, heads, N, N)``; ``maps["fusion_weights"]`` is
             ``(B, 2, D, H, W)`` (the weights of ``f1`` and ``f2``).
         """
-        return self._run(mri, pet, collect=True)
-
-    def forward(self, mri: torch.Tensor, pet: torch.Tensor | None = None) -> torch.Tensor:
-        """
-        Args:
-            mri: ``(B, in_channels, D, H, W)``, or MRI and PET stacked on the channel axis when ``pet`` is None
-                (the form MONAI inferers pass).
-            pet: ``(B, in_channels, D, H, W)``.
-
-        Returns:
-            the fused volume ``(B, out_channels, D, H, W)``.
-        """
-        return self._run(mri, pet, collect=False)[0]
-
-    def _run(self, mri: torch.Tensor, pet: torch.Tensor | None, collect: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-        mri, pet = self._split_inputs(mri, pet)
-        x, y = self.patch_embed(mri), self.patch_embed(pet)
-        skips_x: list[torch.Tensor] = []
-        skips_y: list[torch.Tensor] = []
-        block_maps: list[dict[str, Any]] = []
-        for i, blocks in enumerate(self.stages):
-            if i > 0:
-                x, y = self.patch_merging[i - 1](x), self.patch_merging[i - 1](y)
-            for j, block in enumerate(blocks):
-                if collect:
-                    x, mx = block(x, y, return_maps=True)
-                    y, my = block(y, x, return_maps=True)
-                    block_maps.append({"stage": i, "block": j, "query": "mri", **mx})
-                    block_maps.append({"stage": i, "block": j, "query": "pet", **my})
-                else:
-                    x = block(x, y)
-                    y = block(y, x)
+        x, y = self._split_inputs(mri, pet)
+        skips_x, skips_y, block_maps = [], [], []
+        for i, stage in enumerate(self.stages):
+            x, y, maps = stage.forward_with_maps(x, y)
             skips_x.append(x)
             skips_y.append(y)
-        features = self.head_up(torch.cat((self._decode(skips_x), self._decode(skips_y)), dim=1))
-        f1, f2 = features.chunk(2, dim=1)
-        fused, weights = l1_weighted_fusion(f1, f2, self.fusion_eps)
-        return self.head_out(fused), {"blocks": block_maps, "fusion_weights": weights}
+            for k, m in enumerate(maps):
+                block_maps.append({"stage": i, "block": k // 2, "query": ("mri", "pet")[k % 2], **m})
+        fused, weights = self._head(skips_x, skips_y)
+        return fused, {"blocks": block_maps, "fusion_weights": weights}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.losses import SSIMLoss
 
-from common.losses.fusion import DC2FusionLoss
+from common.losses.fusion import DC2FusionLoss, SeparableSSIMLoss
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +83,42 @@ def test_invalid_settings_and_inputs_are_rejected():
         DC2FusionLoss()(small, small, small)
     with pytest.raises(ValueError, match="share one shape"):
         DC2FusionLoss()(_textured(), _textured(), _textured(shape=(1, 1, 16, 16, 12)))
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, shape, win",
+    [(3, (2, 1, 14, 12, 16), 11), (3, (1, 2, 12, 12, 12), 7), (2, (2, 3, 20, 17), 11)],
+)
+def test_separable_ssim_equals_monai_ssim_loss(spatial_dims, shape, win):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+    y = 0.6 * x + 0.4 * y  # correlated, so SSIM is far from 0
+    expected = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=win)(x, y)
+    got = SeparableSSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=win)(x, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+    assert SeparableSSIMLoss(spatial_dims, win_size=win)(x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_both_ssim_backends_give_the_same_loss_and_gradient():
+    mri, pet = _textured(0), _textured(1)
+    fused = [_textured(2).requires_grad_(True) for _ in range(2)]
+    losses = [DC2FusionLoss(ssim_backend=b)(f, mri, pet) for b, f in zip(("separable", "monai"), fused)]
+    # MONAI's dense 11^3 kernel accumulates more float32 rounding (~1e-5 per SSIM term on these smooth volumes)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-4)
+    exact = SeparableSSIMLoss()(fused[0].detach().double(), mri.double())
+    assert abs(DC2FusionLoss().terms(fused[0], mri, pet)["ssim_mri"].item() - exact.item()) < 2e-6
+    for loss in losses:
+        loss.backward()
+    scale = fused[1].grad.abs().max().item()
+    torch.testing.assert_close(fused[0].grad, fused[1].grad, rtol=1e-3, atol=1e-3 * scale)
+    with pytest.raises(ValueError, match="ssim_backend"):
+        DC2FusionLoss(ssim_backend="fast")
+
+
+def test_stacked_sources_form_equals_the_three_argument_form():
+    """The form MONAI's SupervisedTrainer uses: loss(pred, label) with label = cat(MRI, PET)."""
+    mri, pet, fused = _textured(0), _textured(1), _textured(2)
+    loss_fn = DC2FusionLoss()
+    torch.testing.assert_close(loss_fn(fused, torch.cat((mri, pet), dim=1)), loss_fn(fused, mri, pet))
+    with pytest.raises(ValueError, match="stack MRI and PET"):
+        loss_fn(fused, torch.cat((mri, pet, pet), dim=1))

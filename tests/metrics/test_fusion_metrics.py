@@ -181,3 +181,66 @@ def test_laplacian_pyramid_fusion_is_exact_on_identical_inputs_and_keeps_details
     out = fm.laplacian_pyramid_fusion(batch, batch.flip(0), levels=2)
     assert isinstance(out, torch.Tensor) and out.shape == batch.shape and out.dtype == torch.float32
     torch.testing.assert_close(out[0], out[1])  # the fusion rule is symmetric in its inputs
+
+
+def test_scorer_reuses_the_sources_and_equals_fusion_metrics(mri_pet):
+    mri, pet = mri_pet
+    scorer = fm.FusionScorer(mri, pet, slice_index=5, axis=0)
+    for fused in (fm.average_fusion(mri, pet), fm.maximum_fusion(mri, pet)):
+        assert scorer(fused) == pytest.approx(fm.fusion_metrics(fused, mri, pet, slice_index=5, axis=0), rel=1e-12)
+    with pytest.raises(ValueError, match="sources' shape"):
+        scorer(mri[:-1])
+
+
+def test_baseline_registry_names_the_three_baselines(mri_pet):
+    mri, pet = mri_pet
+    assert set(fm.BASELINES) == {"average", "maximum", "laplacian_pyramid"}
+    np.testing.assert_array_equal(fm.BASELINES["maximum"](mri, pet), np.maximum(mri, pet))
+
+
+def test_rank_methods_ranks_each_metric_and_orders_by_mean_rank():
+    scores = {
+        "a": {"ssim": 0.9, "qabf": 0.5, "psnr_min": 20.0},
+        "b": {"ssim": 0.8, "qabf": 0.7, "psnr_min": 20.0},
+        "c": {"ssim": 0.7, "qabf": math.nan, "psnr_min": 10.0},
+    }
+    ranks = fm.rank_methods(scores)
+    assert list(ranks) == ["a", "b", "c"]
+    assert ranks["a"] == {"rank_ssim": 1, "rank_qabf": 2, "rank_psnr_min": 1, "mean_rank": 4 / 3, "position": 1}
+    assert ranks["b"]["rank_psnr_min"] == 1  # ties share the better rank
+    assert ranks["c"]["rank_qabf"] == 3  # NaN ranks last
+    assert ranks["c"]["position"] == 3
+    with pytest.raises(ValueError, match="lack ranking metrics"):
+        fm.rank_methods({"a": {"ssim": 1.0}})
+
+
+def test_copying_the_mri_ranks_below_averaging_on_the_ranking_summary(mri_pet):
+    mri, pet = mri_pet
+    scorer = fm.FusionScorer(mri, pet)
+    scores = {"copy_mri": scorer(mri.copy()), "average": scorer(fm.average_fusion(mri, pet))}
+    ranks = fm.rank_methods(scores)
+    assert ranks["average"]["mean_rank"] < ranks["copy_mri"]["mean_rank"]
+    assert scores["copy_mri"]["psnr"] == math.inf  # what averaged PSNR would have rewarded
+
+
+def test_qabf_matches_a_hand_computed_value_on_a_step_edge():
+    a = np.zeros((6, 6))
+    a[:, 3:] = 1.0  # vertical step: Sobel s_x = 4 on columns 2 and 3, s_y = 0, orientation 0
+    fused = 0.5 * a  # same orientation, half the strength: G^{AF} = 0.5, A^{AF} = 1
+    flat = np.zeros_like(a)  # no edges: zero weight
+    q_g = 0.9994 / (1 + math.exp(-15 * (0.5 - 0.5)))
+    q_a = 0.9879 / (1 + math.exp(-22 * (1.0 - 0.8)))
+    assert fm.qabf(fused, a, flat) == pytest.approx(q_g * q_a, rel=1e-12)
+
+
+def test_fsim_against_a_flat_image_follows_its_formula(pair_2d):
+    a, _ = pair_2d
+    flat = np.full_like(a, 0.5)
+    scaled = a * 255.0
+    pc = fm.phase_congruency(scaled)
+    scharr = np.array([[3.0, 0.0, -3.0], [10.0, 0.0, -10.0], [3.0, 0.0, -3.0]]) / 16.0
+    g = np.hypot(ndimage.correlate(scaled, scharr, mode="nearest"), ndimage.correlate(scaled, scharr.T, mode="nearest"))
+    # the flat image has no phase congruency and no gradient: S_PC = T1 / (PC^2 + T1), S_G = T2 / (G^2 + T2)
+    s_l = (0.85 / (pc**2 + 0.85)) * (160.0 / (g**2 + 160.0))
+    assert fm.phase_congruency(flat * 255.0).max() == 0.0
+    assert fm.fsim(a, flat) == pytest.approx(float((s_l * pc).sum() / pc.sum()), rel=1e-9)

@@ -11,6 +11,8 @@ from common.networks.blocks.deformable_cross_attention import (
     OffsetNetwork,
     WindowCrossAttention,
     deformable_sample,
+    window_partition_3d,
+    window_reverse_3d,
 )
 from common.networks.dc2fusion import DC2Fusion, l1_weighted_fusion
 
@@ -75,6 +77,16 @@ def test_offsets_start_at_zero_and_stay_within_range():
 # ---------------------------------------------------------------- window cross-attention
 
 
+def test_window_partition_groups_each_window_and_reverses_exactly():
+    x = torch.arange(2 * 4 * 6 * 2 * 3, dtype=torch.float32).reshape(2, 4, 6, 2, 3)
+    windows = window_partition_3d(x, [2, 3, 2])
+    assert windows.shape == (2 * 2 * 2 * 1, 12, 3)
+    # window 1 of sample 0 is (d 0:2, h 3:6, w 0:2), tokens in D, H, W order
+    torch.testing.assert_close(windows[1], x[0, 0:2, 3:6, 0:2].reshape(12, 3), rtol=0, atol=0)
+    torch.testing.assert_close(windows[4], x[1, 0:2, 0:3, 0:2].reshape(12, 3), rtol=0, atol=0)  # batch-major
+    torch.testing.assert_close(window_reverse_3d(windows, [2, 3, 2], 2, 4, 6, 2), x, rtol=0, atol=0)
+
+
 def test_window_attention_output_depends_only_on_its_window():
     torch.manual_seed(0)
     attn = WindowCrossAttention(dim=8, num_heads=2, window_size=2).eval()
@@ -116,8 +128,15 @@ def test_value_gate_of_ones_changes_nothing_and_zero_gate_removes_the_values():
 
 def test_relative_position_bias_is_optional_and_shaped_per_head():
     with_bias = WindowCrossAttention(dim=4, num_heads=2, window_size=(2, 3, 2))
-    assert with_bias.relative_position_bias().shape == (2, 12, 12)
-    assert WindowCrossAttention(dim=4, num_heads=2, use_rel_pos_bias=False).relative_position_bias() is None
+    bias = with_bias.relative_position_bias()
+    assert bias.shape == (2, 12, 12)
+    # tokens 0 = (0, 0, 0) and 1 = (0, 0, 1) are one voxel apart along W, like tokens 2 = (0, 1, 0) and 3 = (0, 1, 1)
+    torch.testing.assert_close(bias[:, 0, 1], bias[:, 2, 3], rtol=0, atol=0)
+    assert not torch.equal(bias[:, 0, 1], bias[:, 1, 0])  # opposite displacements have their own entries
+    without = WindowCrossAttention(dim=4, num_heads=2, use_rel_pos_bias=False)
+    assert without.relative_position_bias() is None
+    x = torch.randn(1, 2, 2, 2, 4)
+    torch.testing.assert_close(torch.jit.script(without)(x, x)[0], without(x, x)[0])
 
 
 def test_attention_rejects_heads_that_do_not_divide_channels():
@@ -143,7 +162,8 @@ def test_block_has_separate_norms_and_returns_maps():
     block = DeformableCrossFeatureBlendBlock(dim=4, num_heads=1, window_size=2, offset_range=0.5)
     assert block.norm_mlp is not block.norm_query
     x, y = torch.randn(2, 4, 4, 2, 6), torch.randn(2, 4, 4, 2, 6)
-    out, maps = block(x, y, return_maps=True)
+    out, maps = block.forward_with_maps(x, y)
+    torch.testing.assert_close(block(x, y), out)
     assert out.shape == x.shape
     assert maps["offsets"].shape == (2, 3, 4, 2, 6)
     assert maps["attention"].shape == (2 * 2 * 1 * 3, 1, 8, 8)
@@ -183,6 +203,42 @@ def test_network_handles_non_cubic_inputs_and_exposes_maps():
     torch.testing.assert_close(net(torch.cat((mri, pet), dim=1)), fused)  # the stacked-channel form
 
 
+def test_network_compiles_with_torchscript_and_matches_eager():
+    torch.manual_seed(0)
+    net = DC2Fusion(**SMALL).eval()
+    scripted = torch.jit.script(net)
+    stacked = torch.rand(1, 2, 16, 8, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(stacked), net(stacked))
+        torch.testing.assert_close(scripted(stacked[:, :1], stacked[:, 1:]), net(stacked))
+
+
+@pytest.mark.parametrize("activation", ["abs", "sigmoid"])
+def test_output_activation_is_applied_and_scripts(activation):
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 16, 16, 16)
+    plain = DC2Fusion(**SMALL).eval()
+    net = DC2Fusion(**SMALL, output_activation=activation).eval()
+    net.load_state_dict(plain.state_dict())  # no parameters of its own
+    with torch.no_grad():
+        raw = plain(x)
+        assert raw.min() < 0  # the paper's output is unbounded
+        expected = raw.abs() if activation == "abs" else torch.sigmoid(raw)
+        torch.testing.assert_close(net(x), expected)
+        torch.testing.assert_close(torch.jit.script(net)(x), expected)
+    with pytest.raises(ValueError, match="output_activation"):
+        DC2Fusion(**SMALL, output_activation="relu")
+
+
+def test_paper_form_of_the_fusion_head_is_available():
+    f1, f2 = torch.full((1, 1, 2, 2, 2), 3.0), torch.full((1, 1, 2, 2, 2), -1.0)
+    fused, weights = l1_weighted_fusion(f1, f2, normalize=False)
+    torch.testing.assert_close(fused, torch.full_like(f1, 3.0 * 3.0 + 1.0 * -1.0))  # |f1| f1 + |f2| f2
+    torch.testing.assert_close(weights, torch.cat((f1.abs(), f2.abs()), dim=1))
+    net = DC2Fusion(**SMALL, normalize_fusion_weights=False)
+    assert net(torch.rand(1, 2, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 20, 16, 16), (1, 1, 16, 16, 12)])
 def test_sizes_not_divisible_by_patch_and_merging_are_rejected(shape):
     net = DC2Fusion(**SMALL)
@@ -203,9 +259,10 @@ def test_mismatched_inputs_and_bad_configurations_are_rejected():
 def test_default_configuration_is_the_paper_one():
     net = DC2Fusion()
     assert net.size_divisor == 32
-    assert [len(stage) for stage in net.stages] == [2, 2, 6, 2]
-    assert [stage[0].attention.num_heads for stage in net.stages] == [3, 6, 12, 24]
-    assert [stage[0].dim for stage in net.stages] == [96, 192, 384, 768]
+    assert [len(stage.blocks) for stage in net.stages] == [2, 2, 6, 2]
+    assert [stage.blocks[0].attention.num_heads for stage in net.stages] == [3, 6, 12, 24]
+    assert [stage.blocks[0].dim for stage in net.stages] == [96, 192, 384, 768]
+    assert net.stages[0].embed.proj.kernel_size == (4, 4, 4) and net.stages[1].embed.proj.stride == (2, 2, 2)
 
 
 def test_ten_steps_of_training_reduce_the_loss():

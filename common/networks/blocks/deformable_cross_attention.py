@@ -1,8 +1,9 @@
 """Deformable cross feature blend (DCFB) block of DC2Fusion and its pieces.
 
-Liu et al., "DC2Fusion: Deformable Cross-modality Convolution and Cross-attention for 3D MRI-PET fusion",
-ICONIP 2023 (arXiv 2310.06291). One block lets a *query* stream ``x`` (e.g. MRI features) gather information
-from the *other* stream ``y`` (e.g. PET features) of the same encoder stage:
+L. Liu, X. Fan, C. Zhang, J. Dai, Y. Xie, X. Liang, "Three-Dimensional Medical Image Fusion with Deformable
+Cross-Attention", ICONIP 2023 (arXiv 2310.06291); the method is known by its code name DC2Fusion. One block lets
+a *query* stream ``x`` (e.g. MRI features) gather information from the *other* stream ``y`` (e.g. PET features) of
+the same encoder stage:
 
 1. :class:`OffsetNetwork` predicts a bounded displacement per voxel from ``cat(x, y)``;
 2. :func:`deformable_sample` resamples ``y`` at the reference grid plus those displacements;
@@ -16,6 +17,10 @@ from the *other* stream ``y`` (e.g. PET features) of the same encoder stage:
 All blocks are 3D. Feature maps travel between blocks channel-first ``(B, C, D, H, W)``; attention and the
 MLP work channel-last ``(B, D, H, W, C)``, and every switch between the two layouts is an explicit
 ``permute`` (the public code reshapes channel-first memory into channel-last shapes, scrambling features).
+
+Everything here compiles with ``torch.jit.script`` (the bundles export to TorchScript), which is why reshapes are
+written with ``reshape``/``permute`` and typed window helpers rather than einops or MONAI's untyped Swin
+``window_partition``.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from monai.networks.blocks.mlp import MLPBlock
 from monai.networks.layers.drop_path import DropPath
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks.nets.swin_unetr import window_partition, window_reverse
 from monai.utils import ensure_tuple_rep
 
 __all__ = [
+    "window_partition_3d",
+    "window_reverse_3d",
     "deformable_sample",
     "OffsetNetwork",
     "WindowCrossAttention",
@@ -58,6 +63,28 @@ def _check_rate(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value}.")
 
 
+def window_partition_3d(x: torch.Tensor, window: list[int]) -> torch.Tensor:
+    """Non-overlapping 3D windows: ``(B, D, H, W, C) -> (B * nW, wd * wh * ww, C)``.
+
+    Windows are ordered batch-major, then along D, H, W; tokens inside a window in D, H, W order. Every spatial
+    size must be a multiple of its window edge. Same layout as MONAI's Swin ``window_partition``, typed for
+    TorchScript.
+    """
+    b, d, h, w, c = x.shape
+    wd, wh, ww = window[0], window[1], window[2]
+    x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    # (B, nD, wd, nH, wh, nW, ww, C) -> (B, nD, nH, nW, wd, wh, ww, C)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
+
+
+def window_reverse_3d(windows: torch.Tensor, window: list[int], b: int, d: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition_3d`: ``(B * nW, wd * wh * ww, C) -> (B, D, H, W, C)``."""
+    wd, wh, ww = window[0], window[1], window[2]
+    x = windows.reshape(b, d // wd, h // wh, w // ww, wd, wh, ww, -1)
+    # (B, nD, nH, nW, wd, wh, ww, C) -> (B, nD, wd, nH, wh, nW, ww, C)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
+
+
 def deformable_sample(y: torch.Tensor, offsets: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
     """Resample ``y`` at the voxel grid displaced by ``offsets`` (trilinear, ``align_corners=True``).
 
@@ -83,18 +110,16 @@ def deformable_sample(y: torch.Tensor, offsets: torch.Tensor, padding_mode: str 
         ``(B, C, D, H, W)``.
     """
     if y.ndim != 5:
-        raise ValueError(f"y must be (B, C, D, H, W), got shape {tuple(y.shape)}.")
-    expected = (y.shape[0], 3, *y.shape[2:])
-    if tuple(offsets.shape) != expected:
-        raise ValueError(
-            f"offsets must have shape {expected} for y of shape {tuple(y.shape)}, got {tuple(offsets.shape)}."
-        )
-    if padding_mode not in _PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
-    sizes = y.shape[2:]
+        raise ValueError(f"y must be (B, C, D, H, W), got shape {y.shape}.")
+    sizes = [int(n) for n in y.shape[2:]]
+    expected = [int(y.shape[0]), 3] + sizes
+    if list(offsets.shape) != expected:
+        raise ValueError(f"offsets must have shape {expected} for y of shape {y.shape}, got {offsets.shape}.")
+    if padding_mode not in ["zeros", "border", "reflection"]:  # a literal: TorchScript cannot read the global
+        raise ValueError(f"padding_mode must be one of zeros, border, reflection; got {padding_mode}.")
     offsets = offsets.to(y.dtype)
     axes = [torch.arange(n, dtype=y.dtype, device=y.device) for n in sizes]
-    reference = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)  # (3, D, H, W), voxel (d, h, w)
+    reference = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=0)  # (3, D, H, W), voxel (d, h, w)
     coords = reference.unsqueeze(0) + offsets  # (B, 3, D, H, W)
     scale = torch.tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in sizes], dtype=y.dtype, device=y.device)
     shift = (scale > 0).to(y.dtype)
@@ -149,8 +174,7 @@ class WindowCrossAttention(nn.Module):
 
     Written here rather than taken from MONAI: :class:`monai.networks.blocks.CrossAttentionBlock` has no
     windowing and only the decomposed (query-dependent) relative position embedding, and the Swin
-    ``WindowAttention`` of :mod:`monai.networks.nets.swin_unetr` is self-attention only. MONAI's
-    ``window_partition`` / ``window_reverse`` are reused.
+    ``WindowAttention`` of :mod:`monai.networks.nets.swin_unetr` is self-attention only (and not scriptable).
 
     Args:
         dim: channels ``C``.
@@ -175,38 +199,46 @@ class WindowCrossAttention(nn.Module):
         super().__init__()
         if dim < 1 or num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}).")
-        window = tuple(int(w) for w in ensure_tuple_rep(window_size, 3))
+        window = [int(w) for w in ensure_tuple_rep(window_size, 3)]
         if any(w < 1 for w in window):
             raise ValueError(f"window_size must be positive, got {window_size}.")
         _check_rate("attn_drop", attn_drop)
         _check_rate("proj_drop", proj_drop)
         self.dim = dim
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.window_size = window
-        self.scale = (dim // num_heads) ** -0.5
+        self.scale = self.head_dim**-0.5
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.relative_position_bias_table: nn.Parameter | None = None
+
+        # Swin relative position index: token pair (i, j) of a window -> row of the bias table
+        wd, wh, ww = window
+        coords = torch.stack(torch.meshgrid([torch.arange(w) for w in window], indexing="ij")).flatten(1)  # (3, N)
+        relative = coords[:, :, None] - coords[:, None, :] + torch.tensor([wd - 1, wh - 1, ww - 1])[:, None, None]
+        index = relative[0] * (2 * wh - 1) * (2 * ww - 1) + relative[1] * (2 * ww - 1) + relative[2]
+        self.register_buffer("relative_position_index", index, persistent=False)  # (N, N)
+        self.relative_position_bias_table = None
         if use_rel_pos_bias:
-            wd, wh, ww = window
             table_size = (2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-            coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
-            relative = coords[:, :, None] - coords[:, None, :] + torch.tensor([wd - 1, wh - 1, ww - 1])[:, None, None]
-            index = relative[0] * (2 * wh - 1) * (2 * ww - 1) + relative[1] * (2 * ww - 1) + relative[2]
-            self.register_buffer("relative_position_index", index, persistent=False)
 
     def relative_position_bias(self) -> torch.Tensor | None:
         """The bias added to the attention logits, ``(heads, N, N)`` with ``N = prod(window_size)``, or None."""
-        if self.relative_position_bias_table is None:
+        table = self.relative_position_bias_table
+        if table is None:
             return None
         n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return rearrange(bias, "(i j) h -> h i j", i=n, j=n)
+        bias = table[self.relative_position_index.reshape(-1)]  # (N * N, heads)
+        return bias.reshape(n, n, -1).permute(2, 0, 1)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B * nW, N, C) -> (B * nW, heads, N, C / heads)``."""
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).permute(0, 2, 1, 3)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, value_gate: torch.Tensor | None = None
@@ -220,46 +252,45 @@ class WindowCrossAttention(nn.Module):
 
         Returns:
             ``(out, attention)``: ``(B, D, H, W, C)`` and the softmax weights ``(B * nW, heads, N, N)`` with
-            windows ordered batch-major, then along D, H, W (MONAI's ``window_partition`` order).
+            windows ordered batch-major, then along D, H, W (:func:`window_partition_3d` order).
         """
         if x.ndim != 5 or x.shape != context.shape or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"x and context must both be (B, D, H, W, {self.dim}), got {tuple(x.shape)} and {tuple(context.shape)}."
-            )
-        b, d, h, w, _ = x.shape
-        pads = [(-s) % ws for s, ws in zip((d, h, w), self.window_size)]
-        padded = any(pads)
+            raise ValueError(f"x and context must both be (B, D, H, W, {self.dim}), got {x.shape} and {context.shape}.")
+        b, d, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        wd, wh, ww = self.window_size[0], self.window_size[1], self.window_size[2]
+        pd, ph, pw = (wd - d % wd) % wd, (wh - h % wh) % wh, (ww - w % ww) % ww
+        padded = pd > 0 or ph > 0 or pw > 0
         if padded:
-            pad_arg = (0, 0, 0, pads[2], 0, pads[1], 0, pads[0])
-            x, context = F.pad(x, pad_arg), F.pad(context, pad_arg)
-        dp, hp, wp = x.shape[1:4]
-        num_windows = (dp * hp * wp) // (self.window_size[0] * self.window_size[1] * self.window_size[2])
+            x = F.pad(x, [0, 0, 0, pw, 0, ph, 0, pd])
+            context = F.pad(context, [0, 0, 0, pw, 0, ph, 0, pd])
+        dp, hp, wp = d + pd, h + ph, w + pw
+        num_windows = (dp // wd) * (hp // wh) * (wp // ww)
 
-        q = rearrange(self.to_q(window_partition(x, self.window_size)), "n t (h d) -> n h t d", h=self.num_heads)
-        k, v = self.to_kv(window_partition(context, self.window_size)).chunk(2, dim=-1)
-        k = rearrange(k, "n t (h d) -> n h t d", h=self.num_heads)
-        v = rearrange(v, "n t (h d) -> n h t d", h=self.num_heads)
+        q = self._heads(self.to_q(window_partition_3d(x, self.window_size)))  # (B * nW, heads, N, C / heads)
+        k, v = self.to_kv(window_partition_3d(context, self.window_size)).chunk(2, dim=-1)
+        k, v = self._heads(k), self._heads(v)
         if value_gate is not None:
-            if value_gate.shape != (b, self.dim):
-                raise ValueError(f"value_gate must be (B, C) = {(b, self.dim)}, got {tuple(value_gate.shape)}.")
-            gate = rearrange(value_gate, "b (h d) -> b h 1 d", h=self.num_heads)
+            if value_gate.ndim != 2 or value_gate.shape[0] != b or value_gate.shape[1] != self.dim:
+                raise ValueError(f"value_gate must be (B, C) = ({b}, {self.dim}), got {value_gate.shape}.")
+            gate = value_gate.reshape(b, self.num_heads, 1, self.head_dim)  # (B, heads, 1, C / heads)
             v = v * gate.repeat_interleave(num_windows, dim=0)  # windows are batch-major
 
-        logits = torch.einsum("nhid,nhjd->nhij", q * self.scale, k)
+        logits = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B * nW, heads, N, N)
         bias = self.relative_position_bias()
         if bias is not None:
             logits = logits + bias.unsqueeze(0)
         if padded:
             valid = torch.zeros(1, dp, hp, wp, 1, dtype=x.dtype, device=x.device)
-            valid[:, :d, :h, :w] = 1
-            key_valid = window_partition(valid, self.window_size)[..., 0] > 0.5  # (nW, N)
+            valid[:, :d, :h, :w] = 1.0
+            key_valid = window_partition_3d(valid, self.window_size)[:, :, 0] > 0.5  # (nW, N)
             key_valid = key_valid.repeat(b, 1)[:, None, None, :]  # (B * nW, 1, 1, N), batch-major
             logits = logits.masked_fill(~key_valid, float("-inf"))
         attention = logits.softmax(dim=-1)
 
-        out = torch.einsum("nhij,nhjd->nhid", self.attn_drop(attention), v)
-        out = self.proj_drop(self.proj(rearrange(out, "n h t d -> n t (h d)")))
-        out = window_reverse(out, self.window_size, (b, dp, hp, wp))
+        out = torch.matmul(self.attn_drop(attention), v)  # (B * nW, heads, N, C / heads)
+        out = out.permute(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], self.dim)  # (B * nW, N, C)
+        out = self.proj_drop(self.proj(out))
+        out = window_reverse_3d(out, self.window_size, b, dp, hp, wp)
         return out[:, :d, :h, :w].contiguous(), attention
 
 
@@ -421,22 +452,10 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
             dim, max(1, int(round(dim * mlp_ratio))), dropout_rate=drop, act="GELU", dropout_mode="swin"
         )
 
-    def forward(
-        self, x: torch.Tensor, y: torch.Tensor, return_maps: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """
-        Args:
-            x: query stream, ``(B, C, D, H, W)``.
-            y: other stream, same shape.
-            return_maps: also return ``{"offsets": (B, 3, D, H, W), "attention": (B * nW, heads, N, N)}``.
-
-        Returns:
-            the updated query stream ``(B, C, D, H, W)`` (and the maps).
-        """
+    def _blend(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's computation: ``(out, offsets, attention)``."""
         if x.ndim != 5 or x.shape != y.shape or x.shape[1] != self.dim:
-            raise ValueError(
-                f"x and y must both be (B, {self.dim}, D, H, W), got {tuple(x.shape)} and {tuple(y.shape)}."
-            )
+            raise ValueError(f"x and y must both be (B, {self.dim}, D, H, W), got {x.shape} and {y.shape}.")
         x_cl = _channels_last(x)
         x_n = self.norm_query(x_cl)
         y_n = _channels_first(self.norm_context(_channels_last(y)))
@@ -451,7 +470,20 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
 
         x_cl = x_cl + self.drop_path(self.blend_drop(self.blend(torch.cat((attended, conv), dim=-1))))
         x_cl = x_cl + self.drop_path(self.mlp(self.norm_mlp(x_cl)))
-        out = _channels_first(x_cl).contiguous()
-        if return_maps:
-            return out, {"offsets": offsets, "attention": attention}
-        return out
+        return _channels_first(x_cl).contiguous(), offsets, attention
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: query stream, ``(B, C, D, H, W)``.
+            y: other stream, same shape.
+
+        Returns:
+            the updated query stream ``(B, C, D, H, W)``.
+        """
+        return self._blend(x, y)[0]
+
+    def forward_with_maps(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward` plus ``{"offsets": (B, 3, D, H, W) in voxels, "attention": (B * nW, heads, N, N)}``."""
+        out, offsets, attention = self._blend(x, y)
+        return out, {"offsets": offsets, "attention": attention}
