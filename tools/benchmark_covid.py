@@ -72,7 +72,7 @@ def main(
 ) -> None:
     if threads is not None:  # the stages run as subprocesses: they inherit it
         os.environ["OMP_NUM_THREADS"] = str(int(threads))
-    from common.benchmarks.covid import format_report, run_covid_benchmark
+    from common.benchmarks.covid import run_covid_benchmark
     from common.bundle.main_job import resolve_device
 
     if unet_width not in UNET_WIDTHS:
@@ -96,7 +96,7 @@ def main(
         "batch_size": int(unet_batch_size),
         "contrastive_batch_size": int(unet_batch_size),
     }
-    report = run_covid_benchmark(
+    run_covid_benchmark(
         work_dir,
         num_cases=int(num_cases),
         shape=_ints(shape),
@@ -109,7 +109,6 @@ def main(
         unet_overrides=unet,
         echo=bool(echo),
     )
-    print(format_report(report))
     print(f"\nwritten: {os.path.join(os.path.abspath(work_dir), 'covid_benchmark.md')}")
 
 

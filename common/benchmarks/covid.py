@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 from monai.transforms import Compose, Orientationd  # noqa: E402
 
+from common.benchmarks.report import write_report  # noqa: E402
 from common.bundle.pipeline import run_stage  # noqa: E402
 from common.data.chest_ct import LungPreprocessd, lung_mask, nifti_to_zyx  # noqa: E402
 from common.data.datalist import build_datalist, save_datalist, validate_datalist_no_leak  # noqa: E402
@@ -402,8 +403,5 @@ def run_covid_benchmark(
         "seconds": seconds,
     }
     report["targets"] = check_targets(methods)
-    with atomic_path(os.path.join(work_dir, "covid_benchmark.json")) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    with atomic_path(os.path.join(work_dir, "covid_benchmark.md")) as tmp, open(tmp, "w") as f:
-        f.write(format_report(report) + "\n")
+    write_report(work_dir, "covid_benchmark", report, format_report(report))
     return report

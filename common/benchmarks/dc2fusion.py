@@ -20,7 +20,6 @@ Every figure is measured in this run; nothing is copied from a paper.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.benchmarks.report import bundle_train_parser, write_report
 from common.data.fusion_panel import save_fusion_panel
 from common.engines.fusion_evaluation import summarize_rows
 from common.io import atomic_path
@@ -46,21 +46,7 @@ METHOD = "dc2fusion"
 
 
 def _parser(dataset_dir: str, datalist: str, overrides: dict[str, Any]):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    parser.update(
-        {
-            "bundle_root": BUNDLE,
-            "dataset_dir": dataset_dir,
-            "data_list_file_path": datalist,
-            "num_workers": 0,
-            "cache_rate": 1.0,
-            **overrides,
-        }
-    )
-    return parser
+    return bundle_train_parser(BUNDLE, dataset_dir, datalist, overrides)
 
 
 def _poly(steps: int, power: float):
@@ -323,12 +309,7 @@ def run_benchmark(
         "checks": {p: _comparisons(means[p], rankings[p]) for p in means},
         "rows": rows,
     }
-    with atomic_path(os.path.join(work_dir, "benchmark_dc2fusion.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=lambda v: None)
-    report = format_report(results)
-    with atomic_path(os.path.join(work_dir, "benchmark_dc2fusion.md")) as tmp, open(tmp, "w") as f:
-        f.write(report + "\n")
-    say("\n" + report)
+    write_report(work_dir, "benchmark_dc2fusion", results, format_report(results))
     return results
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.benchmarks.report import bundle_train_parser, write_report
+
 BUNDLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "bundles",
@@ -51,22 +53,7 @@ SEGRESNET = {
 
 
 def _parser(dataset_dir: str, datalist: str, roi: list[int], overrides: dict[str, Any] | None = None):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    parser.update(
-        {
-            "bundle_root": BUNDLE,
-            "dataset_dir": dataset_dir,
-            "data_list_file_path": datalist,
-            "roi_size": roi,
-            "num_workers": 0,
-            "cache_rate": 1.0,
-            **(overrides or {}),
-        }
-    )
-    return parser
+    return bundle_train_parser(BUNDLE, dataset_dir, datalist, {"roi_size": roi, **(overrides or {})})
 
 
 def build_model(name: str, parser) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, float]:
@@ -225,7 +212,6 @@ def run_benchmark(
 
     from common.data.datalist import build_datalist, save_datalist
     from common.data.synthetic.write import write_synthetic_dataset
-    from common.io import atomic_path
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     amp = dev.type == "cuda"
@@ -304,11 +290,7 @@ def run_benchmark(
         "peak_memory_under_8gb_roi128": max(h["train_peak_gb"], h["infer_peak_gb"]) < 8.0,
     }
     table = format_table(results)
-    print("\n" + table, flush=True)
-    with atomic_path(os.path.join(work_dir, "benchmark_hlwa.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    with atomic_path(os.path.join(work_dir, "benchmark_hlwa.md")) as tmp, open(tmp, "w") as f:
-        f.write(table + "\n")
+    write_report(work_dir, "benchmark_hlwa", results, table)
     return results
 
 

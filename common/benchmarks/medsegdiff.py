@@ -18,7 +18,6 @@ volume, so that load changes on a shared machine spread over all of them. Every 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from common.benchmarks.report import bundle_train_parser, write_report
 
 BUNDLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -40,22 +41,11 @@ SETTINGS: tuple[tuple[str, int], ...] = (("ddpm", 1000), ("ddim", 10), ("ddim", 
 
 def _bundle_parser(dataset_dir: str, datalist: str, overrides: dict[str, Any]):
     """The bundle's ``train.json`` with the benchmark's paths and sizes."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    parser.update(
-        {
-            "bundle_root": BUNDLE,
-            "dataset_dir": dataset_dir,
-            "data_list_file_path": datalist,
-            "output_dir": tempfile.mkdtemp(prefix="medsegdiff-bench-"),
-            "ckpt_dir": tempfile.mkdtemp(prefix="medsegdiff-bench-"),
-            "num_workers": 0,
-            **overrides,
-        }
-    )
-    return parser
+    outputs = {
+        "output_dir": tempfile.mkdtemp(prefix="medsegdiff-bench-"),
+        "ckpt_dir": tempfile.mkdtemp(prefix="medsegdiff-bench-"),
+    }
+    return bundle_train_parser(BUNDLE, dataset_dir, datalist, {**outputs, **overrides})
 
 
 def tumour_slab(label: torch.Tensor, size: int) -> slice:
@@ -238,7 +228,6 @@ def run_benchmark(
     from common.data.datalist import build_datalist, save_datalist
     from common.data.decathlon import load_datalist
     from common.data.synthetic.write import write_synthetic_dataset
-    from common.io import atomic_path
 
     if num_test < 1 or num_cases < num_test + 2:
         raise ValueError(f"num_cases ({num_cases}) must leave at least 2 training cases after num_test ({num_test}).")
@@ -314,12 +303,7 @@ def run_benchmark(
         "rows": rows,
     }
     table = format_table(results)
-    print("\n" + table, flush=True)
-    os.makedirs(work_dir, exist_ok=True)
-    with atomic_path(os.path.join(work_dir, "benchmark_medsegdiff.json")) as tmp, open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    with atomic_path(os.path.join(work_dir, "benchmark_medsegdiff.md")) as tmp, open(tmp, "w") as f:
-        f.write(table + "\n")
+    write_report(work_dir, "benchmark_medsegdiff", results, table)
     return results
 
 

@@ -11,8 +11,6 @@ from common.networks.blocks.deformable_cross_attention import (
     OffsetNetwork,
     WindowCrossAttention,
     deformable_sample,
-    window_partition_3d,
-    window_reverse_3d,
 )
 from common.networks.dc2fusion import DC2Fusion, l1_weighted_fusion
 
@@ -75,16 +73,6 @@ def test_offsets_start_at_zero_and_stay_within_range():
 
 
 # ---------------------------------------------------------------- window cross-attention
-
-
-def test_window_partition_groups_each_window_and_reverses_exactly():
-    x = torch.arange(2 * 4 * 6 * 2 * 3, dtype=torch.float32).reshape(2, 4, 6, 2, 3)
-    windows = window_partition_3d(x, [2, 3, 2])
-    assert windows.shape == (2 * 2 * 2 * 1, 12, 3)
-    # window 1 of sample 0 is (d 0:2, h 3:6, w 0:2), tokens in D, H, W order
-    torch.testing.assert_close(windows[1], x[0, 0:2, 3:6, 0:2].reshape(12, 3), rtol=0, atol=0)
-    torch.testing.assert_close(windows[4], x[1, 0:2, 0:3, 0:2].reshape(12, 3), rtol=0, atol=0)  # batch-major
-    torch.testing.assert_close(window_reverse_3d(windows, [2, 3, 2], 2, 4, 6, 2), x, rtol=0, atol=0)
 
 
 def test_window_attention_output_depends_only_on_its_window():

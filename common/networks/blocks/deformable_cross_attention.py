@@ -33,9 +33,9 @@ from monai.networks.layers.drop_path import DropPath
 from monai.networks.layers.utils import get_norm_layer
 from monai.utils import ensure_tuple_rep
 
+from common.networks.blocks.window_attention import window_partition, window_reverse
+
 __all__ = [
-    "window_partition_3d",
-    "window_reverse_3d",
     "deformable_sample",
     "OffsetNetwork",
     "WindowCrossAttention",
@@ -61,28 +61,6 @@ def _channels_first(x: torch.Tensor) -> torch.Tensor:
 def _check_rate(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}.")
-
-
-def window_partition_3d(x: torch.Tensor, window: list[int]) -> torch.Tensor:
-    """Non-overlapping 3D windows: ``(B, D, H, W, C) -> (B * nW, wd * wh * ww, C)``.
-
-    Windows are ordered batch-major, then along D, H, W; tokens inside a window in D, H, W order. Every spatial
-    size must be a multiple of its window edge. Same layout as MONAI's Swin ``window_partition``, typed for
-    TorchScript.
-    """
-    b, d, h, w, c = x.shape
-    wd, wh, ww = window[0], window[1], window[2]
-    x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
-    # (B, nD, wd, nH, wh, nW, ww, C) -> (B, nD, nH, nW, wd, wh, ww, C)
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
-
-
-def window_reverse_3d(windows: torch.Tensor, window: list[int], b: int, d: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition_3d`: ``(B * nW, wd * wh * ww, C) -> (B, D, H, W, C)``."""
-    wd, wh, ww = window[0], window[1], window[2]
-    x = windows.reshape(b, d // wd, h // wh, w // ww, wd, wh, ww, -1)
-    # (B, nD, nH, nW, wd, wh, ww, C) -> (B, nD, wd, nH, wh, nW, ww, C)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
 
 
 def deformable_sample(y: torch.Tensor, offsets: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
@@ -252,7 +230,7 @@ class WindowCrossAttention(nn.Module):
 
         Returns:
             ``(out, attention)``: ``(B, D, H, W, C)`` and the softmax weights ``(B * nW, heads, N, N)`` with
-            windows ordered batch-major, then along D, H, W (:func:`window_partition_3d` order).
+            windows ordered batch-major, then along D, H, W (:func:`~common.networks.blocks.window_attention.window_partition` order).
         """
         if x.ndim != 5 or x.shape != context.shape or x.shape[-1] != self.dim:
             raise ValueError(f"x and context must both be (B, D, H, W, {self.dim}), got {x.shape} and {context.shape}.")
@@ -266,8 +244,8 @@ class WindowCrossAttention(nn.Module):
         dp, hp, wp = d + pd, h + ph, w + pw
         num_windows = (dp // wd) * (hp // wh) * (wp // ww)
 
-        q = self._heads(self.to_q(window_partition_3d(x, self.window_size)))  # (B * nW, heads, N, C / heads)
-        k, v = self.to_kv(window_partition_3d(context, self.window_size)).chunk(2, dim=-1)
+        q = self._heads(self.to_q(window_partition(x, self.window_size)))  # (B * nW, heads, N, C / heads)
+        k, v = self.to_kv(window_partition(context, self.window_size)).chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)
         if value_gate is not None:
             if value_gate.ndim != 2 or value_gate.shape[0] != b or value_gate.shape[1] != self.dim:
@@ -282,7 +260,7 @@ class WindowCrossAttention(nn.Module):
         if padded:
             valid = torch.zeros(1, dp, hp, wp, 1, dtype=x.dtype, device=x.device)
             valid[:, :d, :h, :w] = 1.0
-            key_valid = window_partition_3d(valid, self.window_size)[:, :, 0] > 0.5  # (nW, N)
+            key_valid = window_partition(valid, self.window_size)[:, :, 0] > 0.5  # (nW, N)
             key_valid = key_valid.repeat(b, 1)[:, None, None, :]  # (B * nW, 1, 1, N), batch-major
             logits = logits.masked_fill(~key_valid, float("-inf"))
         attention = logits.softmax(dim=-1)
@@ -290,7 +268,7 @@ class WindowCrossAttention(nn.Module):
         out = torch.matmul(self.attn_drop(attention), v)  # (B * nW, heads, N, C / heads)
         out = out.permute(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], self.dim)  # (B * nW, N, C)
         out = self.proj_drop(self.proj(out))
-        out = window_reverse_3d(out, self.window_size, b, dp, hp, wp)
+        out = window_reverse(out, self.window_size, [dp, hp, wp])
         return out[:, :d, :h, :w].contiguous(), attention
 
 

@@ -70,7 +70,7 @@ def window_partition(x: torch.Tensor, window_size: list[int]) -> torch.Tensor:
     """
     b, d, h, w, c = x.shape
     wd, wh, ww = window_size[0], window_size[1], window_size[2]
-    x = x.view(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
     # (B, nD, wd, nH, wh, nW, ww, C) -> (B, nD, nH, nW, wd, wh, ww, C)
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
 
