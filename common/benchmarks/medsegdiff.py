@@ -89,7 +89,7 @@ def train_fixed_budget(parser, iterations: int, num_train: int, batch_size: int)
 
     epochs = max(1, math.ceil(iterations / max(math.ceil(num_train / batch_size), 1)))
     parser["train#trainer#max_epochs"] = epochs
-    parser["train#trainer#train_handlers"] = "$[@train#handlers#0]"  # the EMA handler only
+    parser["train#trainer#train_handlers"] = "$[@ema_handler]"  # the EMA handler only
     trainer = parser.get_parsed_content("train#trainer")
     losses: list[float] = []
     loss_of = from_engine(["loss"], first=True)

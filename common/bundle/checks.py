@@ -3,16 +3,22 @@
 A new bundle is checked by adding it: ``tests/test_bundles.py`` runs :func:`check_bundle` on every folder under
 ``bundles/`` (and on the example bundle in ``tests/``). Each check raises :class:`BundleCheckError` with a
 message that names the bundle, the file and what is wrong; MONAI's own bundle tools (``verify_metadata``,
-``verify_net_in_out``, ``ckpt_export``, ``ConfigWorkflow.check_properties``) do the work where they exist.
+``verify_net_in_out``, ``ckpt_export``, ``onnx_export``, ``ConfigWorkflow.check_properties``) do the work where they
+exist.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,8 +167,9 @@ def check_net_in_out(bundle_dir: str) -> None:
             raise _fail(bundle_dir, f"network input/output disagree with configs/metadata.json: {err}") from err
 
 
-def check_export(bundle_dir: str, ckpt_file: str, work_dir: str, overrides: dict[str, Any] | None = None,
-                 atol: float = 1e-4) -> str:
+def check_export(
+    bundle_dir: str, ckpt_file: str, work_dir: str, overrides: dict[str, Any] | None = None, atol: float = 1e-4
+) -> str:
     """``monai.bundle ckpt_export`` to TorchScript; the exported module's output equals eager's.
 
     ``overrides`` (e.g. ``{"network_def#features": [...]}``) make the network match a checkpoint trained with a
@@ -206,6 +213,127 @@ def _input_shape(parser: Any) -> tuple[int, ...]:
         text = str(size).strip()
         spatial.append(1 if text == "*" else int(eval(text.replace("n", "1").replace("p", "1"), {"__builtins__": {}})))
     return (int(first["num_channels"]), *spatial)
+
+
+#: ONNX export settings of a bundle without an ``onnx_export`` entry in its metadata
+ONNX_DEFAULTS: dict[str, Any] = {"opset_version": 17, "dynamo": False, "atol": 1e-4, "rtol": 1e-4}
+
+
+def onnx_export_settings(bundle_dir: str) -> dict[str, Any]:
+    """The bundle's ONNX export settings: ``configs/metadata.json`` ``onnx_export`` over :data:`ONNX_DEFAULTS`.
+
+    ``opset_version`` (int), ``dynamo`` (bool: ``torch.onnx``'s dynamo exporter, which needs ``onnxscript``,
+    instead of the TorchScript-based one), ``atol`` and ``rtol`` (onnxruntime against eager PyTorch), and
+    ``spatial_size_id`` (optional: the inference config id holding the spatial size to export at, e.g.
+    ``"roi_size"``; default the metadata's input ``spatial_shape`` at ``n = p = 1``). An ONNX graph has fixed sizes,
+    so a network that is only exportable at one size names it here. ``packages`` pins what the export needs on top
+    of ``required_packages_version`` (onnx, onnxruntime, onnxscript for dynamo); not ``optional_packages_version``,
+    which MONAI 1.6 reads as a deprecated name of ``required_packages_version`` and renames over it. Other keys
+    (e.g. a ``note`` on why) are kept and ignored.
+    """
+    settings = dict(ONNX_DEFAULTS)
+    given = _load_json(bundle_dir, "configs/metadata.json").get("onnx_export", {})
+    if not isinstance(given, dict):
+        raise _fail(bundle_dir, "configs/metadata.json: 'onnx_export' must be an object")
+    settings.update(given)
+    kinds = {"opset_version": int, "dynamo": bool, "atol": (int, float), "rtol": (int, float)}
+    for key, kind in kinds.items():
+        if not isinstance(settings[key], kind) or (kind is int and isinstance(settings[key], bool)):
+            raise _fail(bundle_dir, f"configs/metadata.json: onnx_export#{key} has the wrong type: {settings[key]!r}")
+    if not isinstance(settings.get("spatial_size_id", ""), str):
+        raise _fail(bundle_dir, "configs/metadata.json: onnx_export#spatial_size_id must be a config id (a string)")
+    return settings
+
+
+def onnx_input_shape(parser: Any, settings: dict[str, Any]) -> tuple[int, ...]:
+    """``(1, C, *spatial)`` of the ONNX export: ``C`` from the metadata, the sizes from ``settings`` (see above)."""
+    channels, *spatial = _input_shape(parser)
+    if settings.get("spatial_size_id"):
+        spatial = [int(s) for s in parser.get_parsed_content(settings["spatial_size_id"])]
+    return (1, channels, *spatial)
+
+
+def onnx_export_command(
+    ckpt_file: str,
+    onnx_file: str,
+    input_shape: tuple[int, ...] | list[int],
+    settings: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+) -> list[str]:
+    """``python -m monai.bundle onnx_export network_def ...`` as run from the bundle folder (and in the model cards).
+
+    ``--use_trace True`` hands ``converter_kwargs`` (``opset_version``, ``dynamo``) to ``torch.onnx.export``: with
+    ``use_trace False``, MONAI 1.6 on torch >= 2.9 always takes the dynamo exporter, which needs ``onnxscript``.
+    """
+    converter = {"opset_version": int(settings["opset_version"]), "dynamo": bool(settings["dynamo"])}
+    cmd = [sys.executable, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", onnx_file]
+    cmd += ["--ckpt_file", ckpt_file, "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    cmd += ["--input_shape", repr([int(s) for s in input_shape]), "--use_trace", "True"]
+    cmd += ["--converter_kwargs", repr(converter)]
+    for key, value in (overrides or {}).items():
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    return cmd
+
+
+def check_onnx_export(
+    bundle_dir: str,
+    ckpt_file: str,
+    work_dir: str,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> str:
+    """``python -m monai.bundle onnx_export``; onnxruntime's output on the exported file equals eager PyTorch's.
+
+    Runs the command users run (:func:`onnx_export_command`, from the bundle folder, settings from
+    :func:`onnx_export_settings`) in a subprocess with environment ``env`` (default: this one), then feeds the same
+    random input (shape :func:`onnx_input_shape`) to onnxruntime and to the eager network with the checkpoint
+    loaded. ``overrides`` make the network match a checkpoint trained with a smaller test configuration.
+    Returns the path of the exported ``.onnx`` file.
+    """
+    import onnxruntime
+    from monai.bundle import ConfigParser
+
+    settings = onnx_export_settings(bundle_dir)
+    overrides = dict(overrides or {})
+    parser = ConfigParser()
+    with _chdir(bundle_dir):
+        parser.read_config("configs/inference.json")
+        parser.read_meta("configs/metadata.json")
+    parser.update(overrides)
+    shape = onnx_input_shape(parser, settings)
+    onnx_file = os.path.join(os.path.abspath(work_dir), "model.onnx")
+    cmd = onnx_export_command(os.path.abspath(ckpt_file), onnx_file, shape, settings, overrides)
+    proc = subprocess.run(cmd, cwd=bundle_dir, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0 or not os.path.isfile(onnx_file):
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise _fail(
+            bundle_dir,
+            f"onnx_export (opset {settings['opset_version']}, dynamo={settings['dynamo']}) failed with exit status "
+            f"{proc.returncode}\ncommand: {shlex.join(cmd)}\n--- last lines ---\n{tail}",
+        )
+    with _chdir(bundle_dir):
+        net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(ckpt_file, map_location="cpu", weights_only=True))
+    net.eval()
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = net(x).numpy()
+    if got.shape != expected.shape or not np.allclose(got, expected, atol=settings["atol"], rtol=settings["rtol"]):
+        diff = np.abs(got - expected).max() if got.shape == expected.shape else f"shape {got.shape} vs {expected.shape}"
+        raise _fail(
+            bundle_dir,
+            f"onnxruntime output differs from eager by {diff} (atol {settings['atol']}, rtol {settings['rtol']})",
+        )
+    return onnx_file
+
+
+def onnx_exporter_available(settings: dict[str, Any]) -> bool:
+    """Whether this environment can run the exporter ``settings`` ask for (the dynamo one needs ``onnxscript``)."""
+    needed = ["onnx", "onnxruntime"] + (["onnxscript"] if settings["dynamo"] else [])
+    return all(importlib.util.find_spec(name) is not None for name in needed)
 
 
 def check_inference_outputs(bundle_dir: str, result: PipelineResult, stage_name: str = "inference") -> list[str]:
@@ -283,6 +411,15 @@ def check_bundle(bundle_dir: str, work_dir: str) -> PipelineResult:
     infer_stage = next(s for s in load_pipeline(bundle_dir)["stages"] if s["name"] == "inference")
     net_overrides = {k: v for k, v in stage_overrides(infer_stage, "test").items() if k.startswith("network_def")}
     check_export(bundle_dir, ckpt, work_dir, net_overrides)
+    settings = onnx_export_settings(bundle_dir)
+    if onnx_exporter_available(settings):
+        check_onnx_export(bundle_dir, ckpt, work_dir, net_overrides)
+    else:  # tests/bundle/test_onnx_export.py runs it with onnxscript installed on the side
+        warnings.warn(
+            f"bundle {os.path.basename(os.path.abspath(bundle_dir))}: ONNX export check skipped, its exporter "
+            f"(dynamo={settings['dynamo']}) needs onnx, onnxruntime{' and onnxscript' if settings['dynamo'] else ''}",
+            stacklevel=2,
+        )
     check_properties(
         bundle_dir,
         {

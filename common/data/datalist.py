@@ -2,7 +2,9 @@
 
 A user brings a dataset in the layout it is distributed in; :func:`build_datalist` finds every case,
 reports every problem of the folder in one error, optionally reads every file to check it, and splits
-the cases deterministically. Layouts (``DIR`` is ``data_dir``):
+the cases deterministically. Finding the cases and checking their files is :mod:`common.data.integrity`'s
+job (``scan_layout``, ``check_items``), shared with ``tools/verify_dataset.py``; this module splits and writes.
+Layouts (``DIR`` is ``data_dir``):
 
 ``brats2021``
     ``DIR/BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
@@ -42,20 +44,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import sys
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any
 
-from monai.utils import optional_import
-
-from common.data.labels import BRAIN_MODALITIES, check_binary_mask, check_label_values
-from common.data.nifti import check_same_grid, load_nifti
+from common.data.integrity import (
+    DATASET,
+    LAYOUTS,
+    MSD_CHANNEL_ORDER,
+    Problem,
+    check_items,
+    scan_layout,
+)
+from common.data.labels import BRAIN_MODALITIES
 from common.errors import DataError
 from common.io import atomic_path
-
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = [
     "LAYOUTS",
@@ -66,209 +68,29 @@ __all__ = [
     "validate_datalist_no_leak",
 ]
 
-#: Supported dataset layouts.
-LAYOUTS: tuple[str, ...] = ("brats2021", "brats2023", "msd_task01", "mosmed", "adni_pairs")
-
-#: Channel order of the MSD Task01 4D images (``common.data.labels.MSD_TO_STANDARD`` reorders them).
-MSD_CHANNEL_ORDER: tuple[str, str, str, str] = ("FLAIR", "T1w", "T1gd", "T2w")
-
 _LIST_KEYS = ("training", "validation", "testing")
-_NII = ".nii.gz"
-
-# BraTS: case folder pattern, separator before the file suffix, file suffix of each standard modality
-_BRATS: dict[str, tuple[re.Pattern[str], str, dict[str, str]]] = {
-    "brats2021": (re.compile(r"BraTS2021_\d+"), "_", {"t1c": "t1ce", "t1": "t1", "t2": "t2", "flair": "flair"}),
-    "brats2023": (
-        re.compile(r"BraTS-[A-Za-z]+-\d+-\d+"),
-        "-",
-        {"t1c": "t1c", "t1": "t1n", "t2": "t2w", "flair": "t2f"},
-    ),
-}
-_MOSMED_CATEGORY = re.compile(r"CT-[0-4]")
-_MOSMED_STUDY = re.compile(r"(study_\d+)\.nii\.gz")
-_MOSMED_MASK = re.compile(r"(study_\d+)_mask\.nii\.gz")
-_ADNI = re.compile(r"(.+)_(mri|FDG)_MNI152\.nii\.gz")
 
 # roles of a scanned case: may go anywhere / validation or testing only / testing only
 _ANY, _EVAL, _TEST = "any", "eval", "test"
-# what a scanner returns: (role, item) per case, the problems found, extra top-level datalist keys
-_Scan = tuple[list[tuple[str, dict[str, Any]]], list[DataError], dict[str, Any]]
 
 
-def _rel(*parts: str) -> str:
-    return "/".join(parts)
+def _role(layout: str, item: dict[str, Any]) -> str:
+    """Where a case may go: unlabelled brain cases are test data, masked MosMed studies evaluation data."""
+    if layout == "mosmed":
+        return _EVAL if "label" in item else _ANY
+    if layout == "adni_pairs" or "label" in item:
+        return _ANY
+    return _TEST
 
 
-def _subdirs(folder: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _scan_brats(layout: str, data_dir: str) -> _Scan:
-    pattern, sep, suffixes = _BRATS[layout]
-    cases, problems = [], []
-    for case in (d for d in _subdirs(data_dir) if pattern.fullmatch(d)):
-        names = {m: f"{case}{sep}{s}{_NII}" for m, s in suffixes.items()}
-        missing = [n for n in names.values() if not os.path.isfile(os.path.join(data_dir, case, n))]
-        problems += [DataError(case, f"missing {n}") for n in missing]
-        if missing:
-            continue
-        item: dict[str, Any] = {"case": case, "image": [_rel(case, names[m]) for m in BRAIN_MODALITIES]}
-        seg = f"{case}{sep}seg{_NII}"
-        if os.path.isfile(os.path.join(data_dir, case, seg)):
-            item["label"] = _rel(case, seg)
-        cases.append((_ANY if "label" in item else _TEST, item))
-    if not cases and not problems:
-        files = "{" + ",".join([*suffixes.values(), "seg"]) + "}"
-        example = (
-            "BraTS2021_XXXXX/BraTS2021_XXXXX_" if layout == "brats2021" else "BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-"
-        )
-        problems.append(DataError(data_dir, f"no {layout} case folder found (expected {example}{files}{_NII})"))
-    header = {"label_convention": layout, "modalities": list(BRAIN_MODALITIES)}
-    return cases, problems, header
-
-
-def _scan_msd(data_dir: str) -> _Scan:
-    json_path = os.path.join(data_dir, "dataset.json")
-    if not os.path.isfile(json_path):
-        raise DataError(json_path, "not found (expected a Decathlon Task01_BrainTumour folder)")
-    try:
-        with open(json_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(json_path, f"not a readable JSON file ({err})") from err
-    if not isinstance(meta, dict) or not isinstance(meta.get("training"), list):
-        raise DataError(json_path, 'no "training" list')
-    problems: list[DataError] = []
-    modality = meta.get("modality")
-    if isinstance(modality, dict):
-        found = [str(modality.get(str(i), "")) for i in range(len(modality))]
-        if [m.lower() for m in found] != [m.lower() for m in MSD_CHANNEL_ORDER]:
-            problems.append(DataError(json_path, f"modalities {found} differ from {list(MSD_CHANNEL_ORDER)}"))
-
-    def relative(entry: Any) -> str:
-        return os.path.normpath(str(entry)).replace(os.sep, "/")
-
-    cases = []
-    entries = [
-        ("training", i, *((e.get("image"), e.get("label")) if isinstance(e, dict) else (None, None)))
-        for i, e in enumerate(meta["training"])
-    ]
-    entries += [
-        ("test", i, e.get("image") if isinstance(e, dict) else e, None) for i, e in enumerate(meta.get("test") or [])
-    ]
-    for list_name, i, image, label in entries:
-        if image is None or (list_name == "training" and label is None):
-            problems.append(DataError(json_path, f'entry {i} of "{list_name}" lacks an image or a label path'))
-            continue
-        item: dict[str, Any] = {"case": os.path.basename(relative(image)).removesuffix(_NII)}
-        item["image"] = relative(image)
-        if label is not None:
-            item["label"] = relative(label)
-        item["channel_order"] = list(MSD_CHANNEL_ORDER)
-        missing = [item[k] for k in ("image", "label") if k in item and not os.path.isfile(_abs(data_dir, item[k]))]
-        problems += [DataError(item["case"], f"missing {m}") for m in missing]
-        if not missing:
-            cases.append((_ANY if label is not None else _TEST, item))
-    if not cases and not problems:
-        problems.append(DataError(json_path, "lists no case"))
-    header = {"label_convention": "msd_task01", "modalities": list(BRAIN_MODALITIES)}
-    header["channel_order"] = list(MSD_CHANNEL_ORDER)
-    return cases, problems, header
-
-
-def _scan_mosmed(data_dir: str) -> _Scan:
-    studies_dir = os.path.join(data_dir, "studies")
-    if not os.path.isdir(studies_dir):
-        raise DataError(data_dir, "no studies/ folder (expected studies/CT-0..CT-4/study_XXXX.nii.gz)")
-    problems: list[DataError] = []
-    found: dict[str, dict[str, Any]] = {}
-    for category in (d for d in _subdirs(studies_dir) if _MOSMED_CATEGORY.fullmatch(d)):
-        for name in sorted(os.listdir(os.path.join(studies_dir, category))):
-            match = _MOSMED_STUDY.fullmatch(name)
-            if not match:
-                continue
-            study = match.group(1)
-            if study in found:
-                problems.append(DataError(study, f"in both {found[study]['category']} and {category}"))
-                continue
-            found[study] = {"case": study, "image": _rel("studies", category, name), "category": category}
-    masks_dir = os.path.join(data_dir, "masks")
-    for name in sorted(os.listdir(masks_dir)) if os.path.isdir(masks_dir) else []:
-        match = _MOSMED_MASK.fullmatch(name)
-        if not match:
-            continue
-        if match.group(1) not in found:
-            problems.append(DataError(_rel("masks", name), f"no matching study studies/CT-*/{match.group(1)}{_NII}"))
-        else:
-            found[match.group(1)]["label"] = _rel("masks", name)
-    if not found and not problems:
-        problems.append(DataError(data_dir, "no study found (expected studies/CT-0..CT-4/study_XXXX.nii.gz)"))
-    cases = [(_EVAL if "label" in item else _ANY, item) for item in found.values()]
-    return cases, problems, {}
-
-
-def _scan_adni(data_dir: str) -> _Scan:
-    cases, problems = [], []
-    seen: dict[str, str] = {}
-    for subject in _subdirs(data_dir):
-        pairs: dict[str, dict[str, str]] = {}
-        for name in sorted(os.listdir(os.path.join(data_dir, subject))):
-            match = _ADNI.fullmatch(name)
-            if match:
-                pairs.setdefault(match.group(1), {})[match.group(2)] = name
-        if not pairs:
-            problems.append(DataError(subject, f"no <image_id>_mri_MNI152{_NII} / <image_id>_FDG_MNI152{_NII} pair"))
-        for image_id, files in sorted(pairs.items()):
-            missing = [f"{image_id}_{k}_MNI152{_NII}" for k in ("mri", "FDG") if k not in files]
-            problems += [DataError(f"{subject}/{image_id}", f"missing {m}") for m in missing]
-            if image_id in seen:
-                problems.append(DataError(image_id, f"in both subjects {seen[image_id]} and {subject}"))
-            seen[image_id] = subject
-            if not missing:
-                item = {"case": image_id, "subject": subject}
-                item |= {"mri": _rel(subject, files["mri"]), "pet": _rel(subject, files["FDG"])}
-                cases.append((_ANY, item))
-    if not cases and not problems:
-        problems.append(
-            DataError(data_dir, f"no subject folder found (expected <subject>/<image_id>_mri_MNI152{_NII})")
-        )
-    return cases, problems, {}
-
-
-def _abs(data_dir: str, rel: str) -> str:
-    return os.path.join(data_dir, *rel.split("/"))
-
-
-def _check_case(layout: str, data_dir: str, item: Mapping[str, Any]) -> list[DataError]:
-    """Read every file of one case; return its problems (dimensionality, values, NaN/Inf, grid)."""
-    if layout == "adni_pairs":
-        images = [item["mri"], item["pet"]]
-    else:
-        images = item["image"] if isinstance(item["image"], list) else [item["image"]]
-    shape = {"ndim": 4, "channels": len(MSD_CHANNEL_ORDER)} if layout == "msd_task01" else {"ndim": 3}
-    paths = [_abs(data_dir, p) for p in images]
-    problems = []
-    for path in paths:
-        try:
-            load_nifti(path, **shape)
-        except DataError as err:
-            problems.append(err)
-    if "label" in item:
-        paths.append(_abs(data_dir, item["label"]))
-        try:
-            label = load_nifti(paths[-1], ndim=3)[0]
-            if layout == "mosmed":
-                check_binary_mask(label, paths[-1])
-            else:
-                check_label_values(label, layout, paths[-1])
-        except DataError as err:
-            problems.append(err)
-    if not problems:
-        try:
-            check_same_grid(paths)
-        except DataError as err:
-            problems.append(err)
-    return problems
+def _header(layout: str) -> dict[str, Any]:
+    """Dataset-level datalist keys: the label convention, modalities and MSD channel order of brain layouts."""
+    if layout == "mosmed" or layout == "adni_pairs":
+        return {}
+    header: dict[str, Any] = {"label_convention": layout, "modalities": list(BRAIN_MODALITIES)}
+    if layout == "msd_task01":
+        header["channel_order"] = list(MSD_CHANNEL_ORDER)
+    return header
 
 
 def check_split_options(
@@ -390,31 +212,17 @@ def build_datalist(
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise DataError(data_dir, "data folder not found")
-    scanners: dict[str, Callable[[str], _Scan]] = {
-        "brats2021": lambda d: _scan_brats("brats2021", d),
-        "brats2023": lambda d: _scan_brats("brats2023", d),
-        "msd_task01": _scan_msd,
-        "mosmed": _scan_mosmed,
-        "adni_pairs": _scan_adni,
-    }
-    cases, problems, header = scanners[layout](data_dir)
-    if check_data and cases:
-        items = [item for _, item in cases]
-        with ThreadPoolExecutor(max(1, int(num_workers))) as pool:
-            results = pool.map(lambda item: _check_case(layout, data_dir, item), items)
-            if progress and has_tqdm:
-                results = tqdm(
-                    results,
-                    total=len(items),
-                    desc=f"checking {layout}",
-                    unit="case",
-                    file=sys.stderr,
-                    leave=False,
-                    disable=None,
-                )
-            for found in results:
-                problems += found
-    _raise_problems(data_dir, problems)
+    scan = scan_layout(layout, data_dir)
+    # a missing or duplicate file is the case's problem (named by case); dataset-level ones by their path
+    errors = [DataError(p.path if p.case == DATASET else p.case, p.problem) for p in scan.problems]
+    if check_data and scan.items:
+        checked = check_items(
+            scan.items, layout, data_dir, thorough=False, num_workers=int(num_workers), progress=progress
+        )
+        errors += [_file_error(p) for found in checked for p in found]
+    _raise_problems(data_dir, errors)
+    cases = [(_role(layout, item), item) for item in scan.items]
+    header = _header(layout)
 
     group_of = (lambda it: it["subject"]) if layout == "adni_pairs" else (lambda it: it["case"])
     rng = random.Random(seed)
@@ -433,6 +241,10 @@ def build_datalist(
         target, k = assignment[group_of(item)]
         datalist[target].append(item if k is None else {**item, "fold": k})
     return datalist
+
+
+def _file_error(problem: Problem) -> DataError:
+    return DataError(problem.path, problem.problem)
 
 
 def _raise_problems(data_dir: str, problems: list[DataError]) -> None:
@@ -475,8 +287,8 @@ def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, d
         for item in datalist.get("training", []):
             if "label" in item:
                 problems.append(f"training study {item.get('case')} has a label ({item['label']})")
-            mask = _rel("masks", f"{item.get('case')}_mask{_NII}")
-            if data_dir is not None and os.path.isfile(_abs(os.fspath(data_dir), mask)):
+            mask = f"masks/{item.get('case')}_mask.nii.gz"
+            if data_dir is not None and os.path.isfile(os.path.join(os.fspath(data_dir), *mask.split("/"))):
                 problems.append(f"training study {item.get('case')} has a mask {mask}")
     if problems:
         raise DataError(name, "evaluation data in training: " + "; ".join(problems))

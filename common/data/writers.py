@@ -3,6 +3,9 @@
 Why not MONAI's ``SaveImaged``: it writes straight to the final path (a killed run leaves a truncated file)
 and names files after the first input file (``BraTS2021_00000_t1ce_seg.nii.gz`` for a 4-file case), while the
 collection promises ``<output_dir>/<case>_<postfix>.nii.gz`` and never a partial output.
+
+A run killed (SIGKILL, out of memory) while writing leaves no file under the final name, only the hidden
+temporary file of :func:`~common.io.atomic_path`; writing that output again (re-running the case) removes it.
 """
 
 from __future__ import annotations
@@ -18,19 +21,21 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from common.io import atomic_path
+from common.io import atomic_path, remove_partial_files
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str, dtype: Any = np.float32) -> str:
     """Write ``array`` (spatial dims first, as nibabel stores them) with ``affine`` to ``path`` atomically.
 
     Both qform and sform carry the affine (code 1, scanner) so nibabel and ITK read the same geometry.
+    Temporary files that a killed earlier run left next to ``path`` are removed once it is written.
     """
     img = nib.Nifti1Image(np.asarray(array).astype(dtype), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
+    remove_partial_files(path)
     return path
 
 

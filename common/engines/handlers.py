@@ -77,4 +77,3 @@ def _nanmean(arr: np.ndarray) -> float | None:
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
-

@@ -24,7 +24,8 @@ volume. This trainer is a MONAI ``Trainer`` (an ignite engine), so MONAI's handl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -146,6 +147,28 @@ class InpaintingGanTrainer(Trainer):
             d_network.to(memory_format=self.memory_format)
         self._healthy_iter: Iterator | None = None
         self._healthy_epoch = 0
+
+    def state_dict(self) -> OrderedDict:
+        """The engine's state (epoch, iteration, ...) plus the corruption noise's generator state and the count of
+        passes over the healthy loader, so a resumed run continues the noise sequence instead of replaying it
+        (:class:`common.engines.checkpoint.ResumableCheckpoint` saves this)."""
+        state = super().state_dict()
+        state["healthy_epoch"] = self._healthy_epoch
+        if self.noise_generator is not None:
+            state["noise_generator"] = self.noise_generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Inverse of :meth:`state_dict`; a plain ignite engine state (without the extra entries) loads too."""
+        state_dict = dict(state_dict)
+        healthy_epoch = state_dict.pop("healthy_epoch", None)
+        noise_state = state_dict.pop("noise_generator", None)
+        super().load_state_dict(state_dict)
+        if healthy_epoch is not None:
+            self._healthy_epoch = int(healthy_epoch)
+            self._healthy_iter = None
+        if noise_state is not None and self.noise_generator is not None:
+            self.noise_generator.set_state(noise_state)
 
     def _next_healthy(self) -> dict[str, Any]:
         """The next healthy batch, restarting (and re-shuffling) the healthy loader when it is exhausted."""

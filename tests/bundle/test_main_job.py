@@ -16,8 +16,18 @@ def test_main_job_on_the_example_bundle(tmp_path):
     shutil.copytree(EXAMPLE, broken)
     (broken / "configs" / "train.json").write_text("{ not json")
     work = tmp_path / "main"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "main_job.py"), "--bundles", f"{EXAMPLE},{broken}",
-           "--work_dir", str(work), "--profile", "test", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "main_job.py"),
+        "--bundles",
+        f"{EXAMPLE},{broken}",
+        "--work_dir",
+        str(work),
+        "--profile",
+        "test",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr  # the broken bundle fails, the job says so
     summary = json.loads((work / "summary.json").read_text())

@@ -39,8 +39,10 @@ def test_stages_that_share_a_network_define_it_alike():
         == config("pseudo_masks.json")["roi_size"]
         == config("inference.json")["roi_size"]
     )
-    # the TransUNet stages read their grid from the pseudo-mask stage's slice classes
-    assert config("train.json")["roi_size"] == "$@slice_classes['grid']"
+    # the TransUNet stages read their grid from the pseudo-mask stage's slice classes; trained by MONAI Label on
+    # annotated studies (no datalist, no slice classes) the TransUNet uses the inference grid
+    assert config("train.json")["roi_size"] == "$@slice_classes['grid'] if @slice_classes else @default_roi_size"
+    assert config("train.json")["default_roi_size"] == config("inference.json")["roi_size"]
 
 
 def test_pipeline_profiles_give_every_stage_of_a_network_the_same_sizes():

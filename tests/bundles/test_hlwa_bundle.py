@@ -15,14 +15,22 @@ from common.bundle.pipeline import load_pipeline, run_stage, stage_overrides
 from common.data.datalist import build_datalist, save_datalist
 from common.data.synthetic.write import write_synthetic_dataset
 
-BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bundles",
-                      "brats_mri_hlwa_segmentation")
+BUNDLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "bundles",
+    "brats_mri_hlwa_segmentation",
+)
 STAGES = {s["name"]: s for s in load_pipeline(BUNDLE)["stages"]}
 
 
 def _overrides(stage, data_dir, datalist, work, **extra):
-    out = {"dataset_dir": data_dir, "data_list_file_path": datalist, "output_dir": os.path.join(work, stage),
-           "ckpt_dir": os.path.join(work, "checkpoints"), "device": "cpu"}
+    out = {
+        "dataset_dir": data_dir,
+        "data_list_file_path": datalist,
+        "output_dir": os.path.join(work, stage),
+        "ckpt_dir": os.path.join(work, "checkpoints"),
+        "device": "cpu",
+    }
     out.update(stage_overrides(STAGES[stage], "test"))
     out.update(extra)
     return out
@@ -32,8 +40,9 @@ def _dataset(tmp_path, layout, num_cases=4, val_fraction=0.25):
     data = str(tmp_path / layout)
     write_synthetic_dataset(layout, data, num_cases=num_cases, shape=(32, 32, 32), seed=3, progress=False)
     datalist = str(tmp_path / f"{layout}.json")
-    save_datalist(build_datalist(layout, data, seed=0, val_fraction=val_fraction, test_fraction=0.2, progress=False),
-                  datalist)
+    save_datalist(
+        build_datalist(layout, data, seed=0, val_fraction=val_fraction, test_fraction=0.2, progress=False), datalist
+    )
     return data, datalist
 
 
@@ -42,8 +51,19 @@ def test_torchrun_two_processes_train_one_epoch_on_cpu(tmp_path):
     # two validation cases: each rank validates one (DistributedSampler without padding keeps metrics exact)
     data, datalist = _dataset(tmp_path, "brats2021", num_cases=6, val_fraction=0.34)
     ov = _overrides("train", data, datalist, str(tmp_path), epochs=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+    ]
     for k, v in ov.items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -60,15 +80,25 @@ def test_msd_and_brats2023_layouts_end_to_end(tmp_path):
     msd, msd_list = _dataset(tmp_path, "msd_task01")
     run_stage(BUNDLE, STAGES["train"], _overrides("train", msd, msd_list, work), os.path.join(work, "train.log"))
     ckpt = os.path.join(work, "checkpoints", "model.pt")
-    run_stage(BUNDLE, STAGES["evaluate"], _overrides("evaluate", msd, msd_list, work, ckpt_path=ckpt,
-                                                      drop_modality=1), os.path.join(work, "evaluate.log"))
+    run_stage(
+        BUNDLE,
+        STAGES["evaluate"],
+        _overrides("evaluate", msd, msd_list, work, ckpt_path=ckpt, drop_modality=1),
+        os.path.join(work, "evaluate.log"),
+    )
     summary = json.loads(open(os.path.join(work, "evaluate", "summary.json")).read())
     assert {"dice_TC", "dice_WT", "dice_ET", "mean_dice", "mean_hd95"} <= set(summary)
-    for layout, data, datalist, allowed in [("msd_task01", msd, msd_list, {0, 1, 2, 3}),
-                                            ("brats2023", *_dataset(tmp_path, "brats2023"), {0, 1, 2, 3})]:
+    for layout, data, datalist, allowed in [
+        ("msd_task01", msd, msd_list, {0, 1, 2, 3}),
+        ("brats2023", *_dataset(tmp_path, "brats2023"), {0, 1, 2, 3}),
+    ]:
         out_dir = os.path.join(work, f"pred_{layout}")
-        run_stage(BUNDLE, STAGES["inference"], _overrides("inference", data, datalist, work, ckpt_path=ckpt,
-                                                           output_dir=out_dir), os.path.join(work, f"{layout}.log"))
+        run_stage(
+            BUNDLE,
+            STAGES["inference"],
+            _overrides("inference", data, datalist, work, ckpt_path=ckpt, output_dir=out_dir),
+            os.path.join(work, f"{layout}.log"),
+        )
         for item in json.loads(open(datalist).read())["testing"]:
             image_path = item["image"] if isinstance(item["image"], str) else item["image"][0]
             image = nib.load(os.path.join(data, image_path))

@@ -155,5 +155,6 @@ def test_multi_gpu_train_runs_one_epoch_with_torchrun_on_cpu(brain_data, tmp_pat
     state = torch.load(tmp_path / "ckpt" / "model.pt", map_location="cpu", weights_only=True)
     net = _parser("train.json", **TINY).get_parsed_content("network_def")
     net.load_state_dict(state)  # the EMA weights, a plain state_dict of network_def
-    last = torch.load(tmp_path / "ckpt" / "last.pt", map_location="cpu", weights_only=True)
-    assert set(last) == {"network", "ema_network", "optimizer"}
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert {"trainer", "network", "ema", "optimizer", "best_model"} <= set(last)  # the resumable state
+    assert last["trainer"]["iteration"] == last["trainer"]["epoch_length"]  # one whole epoch saved

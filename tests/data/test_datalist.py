@@ -436,7 +436,11 @@ def test_cli_writes_datalist(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     "kind, layout, expected",
-    [("truncated", "brats2021", "truncated"), ("msd_3d", "msd_task01", "expected a 4D image"), ("nan", "brats2021", "NaN")],
+    [
+        ("truncated", "brats2021", "truncated"),
+        ("msd_3d", "msd_task01", "expected a 4D image"),
+        ("nan", "brats2021", "NaN"),
+    ],
 )
 def test_cli_bad_file_exit_2_no_output(tmp_path, kind, layout, expected):
     """The issue's three bad inputs through the real command line: one line naming the file, exit 2, no output."""

@@ -34,11 +34,17 @@ def test_datalist_finds_every_synthetic_case(tmp_path, layout):
                 itk_shape = tuple(reversed(itk.size(itk.imread(path))))  # ITK sizes are x, y, z(, t)
                 assert sorted(nib_shape) == sorted(itk_shape), (path, nib_shape, itk_shape)
     if layout.startswith("brats"):
-        assert all(len(item["image"]) == 4 and item["image"][0].endswith(("_t1ce.nii.gz", "-t1c.nii.gz"))
-                   for item in items)
+        assert all(
+            len(item["image"]) == 4 and item["image"][0].endswith(("_t1ce.nii.gz", "-t1c.nii.gz")) for item in items
+        )
     if layout == "mosmed":
         assert not any("label" in item for item in datalist["training"])
         assert all(item["category"].startswith("CT-") for item in items)
     if layout == "adni_pairs":
-        assert all(np.allclose(nib.load(os.path.join(str(tmp_path), i["mri"])).affine,
-                               nib.load(os.path.join(str(tmp_path), i["pet"])).affine) for i in items)
+        assert all(
+            np.allclose(
+                nib.load(os.path.join(str(tmp_path), i["mri"])).affine,
+                nib.load(os.path.join(str(tmp_path), i["pet"])).affine,
+            )
+            for i in items
+        )
