@@ -372,7 +372,39 @@ class ResumableCheckpoint:
             self.logger.info(f"{self.path} is at the last epoch ({epoch}): nothing left to train")
 
 
-class BestModelSaver:
+class _NetworkFileSaver:
+    """Shared part of :class:`BestModelSaver` and :class:`FinalModelSaver`: validated arguments, and an atomic
+    write of the network's plain ``state_dict`` on the saving rank (after removing a killed write's leftovers)."""
+
+    event = Events.EPOCH_COMPLETED
+
+    def __init__(
+        self, save_dir: str | os.PathLike, network: torch.nn.Module, filename: str = "model.pt", name: str | None = None
+    ) -> None:
+        if not save_dir:
+            raise ValueError("save_dir must name a folder")
+        if not filename or os.path.basename(filename) != filename:
+            raise ValueError(f"filename must be a plain file name without a folder, got {filename!r}")
+        if not isinstance(network, torch.nn.Module):
+            raise ValueError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+        self.path = os.path.join(os.fspath(save_dir), filename)
+        self.network = network
+        self._name = name
+        self.logger = logging.getLogger(name)
+
+    def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
+        engine.add_event_handler(self.event, self)
+
+    def _save(self, message: str) -> None:
+        if _is_saving_rank():
+            remove_partial_files(self.path)
+            save_checkpoint(_unwrap(self.network).state_dict(), self.path)
+            self.logger.info(f"{message} to {self.path}")
+
+
+class BestModelSaver(_NetworkFileSaver):
     """Save the network's plain ``state_dict`` to ``<save_dir>/<filename>`` whenever the key metric improves.
 
     Attach it to the evaluator (it runs at the evaluator's ``EPOCH_COMPLETED``, after the metrics). The file holds
@@ -399,25 +431,11 @@ class BestModelSaver:
         greater_is_better: bool = True,
         name: str | None = None,
     ) -> None:
-        if not save_dir:
-            raise ValueError("save_dir must name a folder")
-        if not filename or os.path.basename(filename) != filename:
-            raise ValueError(f"filename must be a plain file name without a folder, got {filename!r}")
-        if not isinstance(network, torch.nn.Module):
-            raise ValueError(f"network must be a torch.nn.Module, got {type(network).__name__}")
-        self.path = os.path.join(os.fspath(save_dir), filename)
-        self.network = network
+        super().__init__(save_dir, network, filename, name)
         self.key_metric_name = key_metric_name
         self.greater_is_better = bool(greater_is_better)
         self.best_metric: float | None = None
         self.best_metric_epoch = -1
-        self._name = name
-        self.logger = logging.getLogger(name)
-
-    def attach(self, engine: Engine) -> None:
-        if self._name is None:
-            self.logger = engine.logger
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_metric": self.best_metric, "best_metric_epoch": self.best_metric_epoch}
@@ -451,13 +469,10 @@ class BestModelSaver:
         if not self.is_better(value):
             return
         self.best_metric, self.best_metric_epoch = value, int(engine.state.epoch)
-        if _is_saving_rank():
-            remove_partial_files(self.path)
-            save_checkpoint(_unwrap(self.network).state_dict(), self.path)
-            self.logger.info(f"saved best model ({name}={value:.4f}, epoch {self.best_metric_epoch}) to {self.path}")
+        self._save(f"saved best model ({name}={value:.4f}, epoch {self.best_metric_epoch})")
 
 
-class FinalModelSaver:
+class FinalModelSaver(_NetworkFileSaver):
     """Save a network's plain ``state_dict`` to ``<save_dir>/<filename>`` when the engine completes, atomically.
 
     For a model that is used as trained to the end (e.g. the COVID-19 GAN's generator, which has no validation
@@ -470,31 +485,10 @@ class FinalModelSaver:
         name: logger name; default the engine's logger.
     """
 
-    def __init__(
-        self, save_dir: str | os.PathLike, network: torch.nn.Module, filename: str = "model.pt", name: str | None = None
-    ) -> None:
-        if not save_dir:
-            raise ValueError("save_dir must name a folder")
-        if not filename or os.path.basename(filename) != filename:
-            raise ValueError(f"filename must be a plain file name without a folder, got {filename!r}")
-        if not isinstance(network, torch.nn.Module):
-            raise ValueError(f"network must be a torch.nn.Module, got {type(network).__name__}")
-        self.path = os.path.join(os.fspath(save_dir), filename)
-        self.network = network
-        self._name = name
-        self.logger = logging.getLogger(name)
-
-    def attach(self, engine: Engine) -> None:
-        if self._name is None:
-            self.logger = engine.logger
-        engine.add_event_handler(Events.COMPLETED, self)
+    event = Events.COMPLETED
 
     def __call__(self, engine: Engine) -> None:
-        if not _is_saving_rank():
-            return
-        remove_partial_files(self.path)
-        save_checkpoint(_unwrap(self.network).state_dict(), self.path)
-        self.logger.info(f"saved final model (epoch {engine.state.epoch}) to {self.path}")
+        self._save(f"saved final model (epoch {engine.state.epoch})")
 
 
 class SafeCheckpointLoader(CheckpointLoader):
