@@ -51,6 +51,7 @@ def verify_dataset(
         raise DataError("--layout", f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if _boolean("verbose", verbose):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        logging.getLogger("common.data.integrity").setLevel(logging.DEBUG)  # the benign per-case notes
     workers = None if num_workers is None else int(num_workers)
     report = dataset_report(str(layout), str(data_dir), num_workers=workers, progress=_boolean("progress", progress))
     if output is not None:

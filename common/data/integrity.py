@@ -554,7 +554,7 @@ def check_item(
         readable.append(path)
     problems += _grid_problems(case, readable, atol)
     if notes:
-        logger.info("%s: note: %s (not a problem: the bundles reorient and resample)", case, ", ".join(notes))
+        logger.debug("%s: note: %s (not a problem: the bundles reorient and resample)", case, ", ".join(notes))
     return problems
 
 
