@@ -20,7 +20,7 @@ user can fix the whole dataset in one go (``tools/verify_dataset.py`` is its com
   ringing down to -5 % of the largest magnitude).
 
 Not problems (the bundles handle them): a grid smaller than a training ROI (not checked: the ROI is a bundle
-setting), an orientation other than RAS and anisotropic voxels (one INFO line per case, logger
+setting), an orientation other than RAS and anisotropic voxels (one DEBUG line per case, logger
 ``"common.data.integrity"``).
 
 The same scan and case check serve :func:`common.data.datalist.build_datalist` (``thorough=False``: without
@@ -434,7 +434,7 @@ def _value_problems(data: np.ndarray, layout: str, channel_names: Sequence[str] 
 
 
 def _notes(affine: np.ndarray) -> list[str]:
-    """Benign facts about a grid (orientation other than RAS, anisotropic voxels), for an INFO line."""
+    """Benign facts about a grid (orientation other than RAS, anisotropic voxels), for a DEBUG line."""
     notes = []
     codes = "".join(nib.aff2axcodes(affine))
     if codes != "RAS":
