@@ -3,11 +3,11 @@
 on true masks (upper bound), and an HU-threshold baseline, all scored per volume and per slice.
 
     python tools/benchmark_covid.py [--work_dir runs/benchmark_covid] [--num_cases 36] [--shape 96,96,24]
-        [--grid 16,64,64] [--gan_epochs 60] [--unet_epochs 40] [--gan_channels 8,16,32,64] [--gan_lr 5e-4]
+        [--grid 24,64,64] [--gan_epochs 160] [--unet_epochs 60] [--gan_channels 8,16,32,64] [--gan_lr 5e-4]
         [--gan_d_lr 1e-4] [--recon_weight 10] [--pseudo_mask_threshold 0.2] [--unet_width small|default]
         [--unet_lr 1e-3] [--device auto] [--threads N]
 
-The defaults are the run reported in the bundle's model card (about 15 minutes on a 2-core CPU with --threads 1).
+The defaults are the run reported in the bundle's model card (about 18 minutes on a 2-core CPU with --threads 1).
 
 Prints the tables and writes covid_benchmark.{json,md}, report/<method>/ (CSV, plots, summary.json) and
 report/methods_vs_lesion_fraction.png to --work_dir. See ``common.benchmarks.covid``.
@@ -51,9 +51,9 @@ def main(
     work_dir: str = "runs/benchmark_covid",
     num_cases: int = 36,
     shape="96,96,24",
-    grid="16,64,64",
-    gan_epochs: int = 60,
-    unet_epochs: int = 40,
+    grid="24,64,64",
+    gan_epochs: int = 160,
+    unet_epochs: int = 60,
     gan_channels="8,16,32,64",
     gan_noise_channels: int = 8,
     disc_channels="8,16,32",

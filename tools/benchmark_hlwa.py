@@ -3,7 +3,10 @@
 
     python tools/benchmark_hlwa.py [--work_dir runs/benchmark_hlwa] [--num_cases 16] [--shape 96,96,64]
         [--roi 64] [--budget_s 300] [--learning_rate 1e-4] [--inference_roi 128] [--inference_repeats 2]
-        [--device auto]
+        [--device auto] [--models hlwa,hlwa_modality_dropout,segresnet]
+
+--models picks what is trained: hlwa and segresnet always, plus any of hlwa_modality_dropout, hlwa_no_rcl,
+hlwa_masked_rcl (e.g. --models hlwa,segresnet for a long two-model run).
 
 Prints a table and writes benchmark_hlwa.{json,md} to --work_dir. See ``common.benchmarks.hlwa``.
 """
@@ -16,9 +19,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.benchmarks.hlwa import run_benchmark  # noqa: E402
+from common.benchmarks.hlwa import check_models, run_benchmark  # noqa: E402
 from common.cli import run_cli  # noqa: E402
 from common.data.synthetic.write import parse_shape  # noqa: E402
+from common.errors import DataError  # noqa: E402
 
 
 def main(
@@ -34,7 +38,12 @@ def main(
     inference_repeats: int = 2,
     device: str = "auto",
     seed: int = 0,
+    models="hlwa,hlwa_modality_dropout,segresnet",
 ) -> None:
+    try:  # fire turns "a,b" into a tuple
+        names = check_models(models if isinstance(models, str) else ",".join(map(str, models)))
+    except ValueError as exc:
+        raise DataError("--models", str(exc)) from None
     run_benchmark(
         work_dir=work_dir,
         num_cases=num_cases,
@@ -48,6 +57,7 @@ def main(
         inference_repeats=inference_repeats,
         device=device,
         seed=seed,
+        models=names,
     )
 
 

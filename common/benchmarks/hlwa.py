@@ -36,7 +36,27 @@ MODELS = {
     "hlwa": ("hlwa", {}),
     "hlwa_modality_dropout": ("hlwa", {"modality_dropout_prob": 0.5}),
     "segresnet": ("segresnet", {}),
+    # ablations of the contrastive term, trained only when asked for (``models=``)
+    "hlwa_no_rcl": ("hlwa", {"rcl_weight": 0.0}),
+    "hlwa_masked_rcl": ("hlwa", {"rcl_mode": "masked"}),
 }
+#: the models trained by default; ``hlwa`` and ``segresnet`` are always needed (the side-by-side table)
+DEFAULT_MODELS = ("hlwa", "hlwa_modality_dropout", "segresnet")
+
+
+def check_models(models) -> list[str]:
+    """The model names to train, validated: known names, no repeats, ``hlwa`` and ``segresnet`` included."""
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model is listed twice: {names}")
+    missing = [m for m in ("hlwa", "segresnet") if m not in names]
+    if missing:
+        raise ValueError(f"the models must include {missing}: the report compares hlwa with segresnet")
+    return names
+
 
 # MONAI Model Zoo brats_mri_segmentation: SegResNet(blocks_down 1,2,2,4; blocks_up 1,1,1; 16 filters; dropout 0.2),
 # Adam lr 1e-4, weight decay 1e-5, DiceLoss(sigmoid, squared_pred, smooth_nr 0, smooth_dr 1e-5).
@@ -201,11 +221,13 @@ def run_benchmark(
     inference_repeats: int = 2,
     device: str = "auto",
     seed: int = 0,
+    models=DEFAULT_MODELS,
 ) -> dict[str, Any]:
     """Train each model for ``budget_s`` seconds on the same data and crops; compare on held-out cases.
 
-    Models: HLWA-UNet as configured in the bundle, the same with random modality dropout (p = 0.5), and SegResNet
-    with the Model Zoo settings. ``learning_rate`` (default: the bundle's 1e-4, as in the Model Zoo) applies to
+    Models (``models``, names of :data:`MODELS`; default :data:`DEFAULT_MODELS`): HLWA-UNet as configured in the
+    bundle, the same with random modality dropout (p = 0.5), and SegResNet with the Model Zoo settings; optionally
+    the RCL ablations ``hlwa_no_rcl`` (weight 0) and ``hlwa_masked_rcl`` (mask-pooled form). ``learning_rate`` (default: the bundle's 1e-4, as in the Model Zoo) applies to
     all. The HLWA models are also evaluated with each single modality missing.
     """
     from monai.data import DataLoader
@@ -213,6 +235,7 @@ def run_benchmark(
     from common.data.datalist import build_datalist, save_datalist
     from common.data.synthetic.write import write_synthetic_dataset
 
+    names = check_models(models)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     amp = dev.type == "cuda"
     work_dir = os.path.abspath(work_dir)
@@ -237,7 +260,8 @@ def run_benchmark(
         "torch_threads": torch.get_num_threads(),
         "models": {},
     }
-    for name, (family, model_overrides) in MODELS.items():
+    for name in names:
+        family, model_overrides = MODELS[name]
         torch.manual_seed(seed)
         parser = _parser(data_dir, datalist, [roi] * 3, {**overrides, **model_overrides})
         net, loss_fn, opt, lr = build_model(family, parser)
