@@ -40,8 +40,8 @@ def main(
     seed: int = 0,
     models="hlwa,hlwa_modality_dropout,segresnet",
 ) -> None:
-    try:  # fire turns "a,b" into a tuple
-        names = check_models(models if isinstance(models, str) else ",".join(map(str, models)))
+    try:  # fire turns "a,b" into a tuple; check_models takes either
+        names = check_models(models)
     except ValueError as exc:
         raise DataError("--models", str(exc)) from None
     run_benchmark(

@@ -227,8 +227,9 @@ def run_benchmark(
 
     Models (``models``, names of :data:`MODELS`; default :data:`DEFAULT_MODELS`): HLWA-UNet as configured in the
     bundle, the same with random modality dropout (p = 0.5), and SegResNet with the Model Zoo settings; optionally
-    the RCL ablations ``hlwa_no_rcl`` (weight 0) and ``hlwa_masked_rcl`` (mask-pooled form). ``learning_rate`` (default: the bundle's 1e-4, as in the Model Zoo) applies to
-    all. The HLWA models are also evaluated with each single modality missing.
+    the RCL ablations ``hlwa_no_rcl`` (weight 0) and ``hlwa_masked_rcl`` (mask-pooled form). ``learning_rate``
+    (default: the bundle's 1e-4, as in the Model Zoo) applies to all. The HLWA models are also evaluated with each
+    single modality missing.
     """
     from monai.data import DataLoader
 

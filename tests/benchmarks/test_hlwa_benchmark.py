@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common.benchmarks.hlwa import DEFAULT_MODELS, MODELS, check_models
+from common.benchmarks.hlwa import DEFAULT_MODELS, MODELS, _parser, build_model, check_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,11 +17,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_default_models_are_the_side_by_side_three():
     assert check_models(DEFAULT_MODELS) == ["hlwa", "hlwa_modality_dropout", "segresnet"]
     assert check_models("segresnet, hlwa,hlwa_no_rcl") == ["segresnet", "hlwa", "hlwa_no_rcl"]
+    assert check_models(("hlwa", "segresnet")) == ["hlwa", "segresnet"]  # what fire gives for "hlwa,segresnet"
 
 
-def test_rcl_ablations_change_only_the_contrastive_term():
-    assert MODELS["hlwa_no_rcl"] == ("hlwa", {"rcl_weight": 0.0})
-    assert MODELS["hlwa_masked_rcl"] == ("hlwa", {"rcl_mode": "masked"})
+def test_rcl_ablations_reach_the_bundle_loss_and_change_only_the_contrastive_term():
+    # an override key the bundle config does not use would be accepted silently and train plain HLWA-UNet
+    def loss_of(name):
+        family, overrides = MODELS[name]
+        assert family == "hlwa"
+        return build_model(family, _parser("", "", [64] * 3, overrides))[1]
+
+    plain, no_rcl, masked = loss_of("hlwa"), loss_of("hlwa_no_rcl"), loss_of("hlwa_masked_rcl")
+    assert (plain.rcl_weight, plain.rcl.mode) == (0.1, "global")
+    assert (no_rcl.rcl_weight, no_rcl.rcl.mode) == (0.0, "global")
+    assert (masked.rcl_weight, masked.rcl.mode) == (0.1, "masked")
+    assert plain.rcl.tau == no_rcl.rcl.tau == masked.rcl.tau
 
 
 @pytest.mark.parametrize(
