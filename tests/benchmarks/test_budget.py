@@ -67,6 +67,8 @@ def test_step_budget_stops_exactly_and_checkpoints_do_not_count_as_training_time
     assert [c["steps"] for c in result["checkpoints"]] == [2, 4, 5]
     assert [c["metrics"]["marker"] for c in result["checkpoints"]] == [2.0, 4.0, 5.0]
     assert result["train_seconds"] < wall - 3 * 0.4
+    # ... and no training time is lost either: at least half of the steps took the median time or longer
+    assert result["train_seconds"] >= 0.5 * result["steps"] * result["step_seconds_median"]
     seconds = [c["seconds"] for c in result["checkpoints"]]
     assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(result["train_seconds"])
     assert len(result["loss_curve"]) == 5 and result["loss_curve"][-1][0] == 5
