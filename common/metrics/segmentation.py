@@ -12,8 +12,9 @@ the binary prediction and ``G`` the binary reference:
   the two directed sets; HD95 is the **larger of the two directed percentiles**. medpy's directed surface
   distances with the same percentile give the same number (tested to 0.01 mm); medpy's own ``hd95`` instead takes
   the percentile of both directions pooled, and DeepMind's ``surface-distance`` (which the BraTS 2023 evaluation
-  calls) places surface elements at voxel corners and weights them by area; both can differ from this definition
-  by several voxels on irregular masks (e.g. a split lesion), so they are not it.
+  calls) places surface elements at voxel corners and weights them by area. On the split mask of the tests (0.7 x
+  0.7 x 5 mm) this HD95 is 18.25 mm, medpy's pooled one 13.08 mm and surface-distance's 17.05 mm; on smooth
+  shapes all three agree to a fraction of a voxel.
 - **NSD** at tolerance ``tau`` mm (normalised surface Dice, Nikolov et al., arXiv:1809.04430): the share of both
   surfaces, by area, that lies within ``tau`` of the other surface. MONAI's
   ``compute_surface_dice(use_subvoxels=True)``, DeepMind's surface elements and areas (tested against
