@@ -155,7 +155,7 @@ def _score(
         ct, _, zooms = _load(os.path.join(dataset_dir, item["image"]))
         label = _load(os.path.join(dataset_dir, item["label"]))[0]
         lung = _lung_xyz(ct, zooms, item["image"])
-        row, slices = case_rows(item["case"], predict(item, ct, lung), label, lung, slice_axis=2)
+        row, slices = case_rows(item["case"], predict(item, ct, lung), label, lung, slice_axis=2, spacing=zooms)
         volume_rows.append(row)
         slice_rows += slices
     return volume_rows, slice_rows

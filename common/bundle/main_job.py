@@ -3,8 +3,9 @@
 For each bundle under ``bundles/`` (the example bundle in ``tests/`` when there is none yet) it writes the
 bundle's synthetic dataset in its real public layout, builds the datalist, runs the bundle's stages from
 ``configs/pipeline.json`` with the ``demo`` profile (``python -m monai.bundle run ...`` subprocesses, exactly
-as a user runs them), draws a PNG montage and ends with a summary table (bundle, metric, value, seconds),
-also written as ``summary.md`` and ``summary.json``. It uses CUDA when present.
+as a user runs them), draws a PNG montage and ends with a summary table (bundle, status, each bundle's summary
+metrics from its ``pipeline.json``, e.g. mean Dice and mean HD95 in mm, seconds), also written as ``summary.md``
+and ``summary.json``. It uses CUDA when present.
 """
 
 from __future__ import annotations
@@ -42,11 +43,21 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """A Markdown table of the rows (bundle, status, metric, value, seconds)."""
-    lines = ["| bundle | status | metric | value | seconds |", "| --- | --- | --- | --- | ---: |"]
+    """A Markdown table of the rows: bundle, status, one column per summary metric of any row, seconds.
+
+    A metric a bundle does not report (another bundle's) is left blank; ``n/a`` is a reported null.
+    """
+    names = list(dict.fromkeys(name for r in rows for name in r["metrics"]))
+    lines = [
+        "| " + " | ".join(["bundle", "status", *names, "seconds"]) + " |",
+        "| " + " | ".join(["---", "---", *["---:"] * len(names), "---:"]) + " |",
+    ]
     for r in rows:
-        value = "" if r["value"] is None else f"{r['value']:.4f}"
-        lines.append(f"| {r['bundle']} | {r['status']} | {r['metric'] or ''} | {value} | {r['seconds']:.1f} |")
+        cells = [
+            "" if n not in r["metrics"] else "n/a" if r["metrics"][n] is None else f"{r['metrics'][n]:.4f}"
+            for n in names
+        ]
+        lines.append("| " + " | ".join([r["bundle"], r["status"], *cells, f"{r['seconds']:.1f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -79,7 +90,7 @@ def run_main_job(
         name = os.path.basename(os.path.abspath(bundle_dir))
         print(f"[{i}/{len(paths)}] {name}: synthetic data, training, evaluation, inference ...", flush=True)
         start = time.perf_counter()
-        row = {"bundle": name, "status": "ok", "metric": None, "value": None, "seconds": 0.0, "montage": None}
+        row = {"bundle": name, "status": "ok", "metrics": {}, "seconds": 0.0, "montage": None}
         try:
             spec = load_pipeline(bundle_dir)
             result = run_pipeline(
@@ -92,7 +103,7 @@ def run_main_job(
             )
             for stage in result.stages:
                 print(f"    {stage.name:<12} {stage.seconds:7.1f} s   log: {stage.log_file}", flush=True)
-            row.update(metric=result.metric_name, value=result.metric_value)
+            row["metrics"] = result.metrics
             if spec.get("montage"):
                 out_stage = spec["montage"].get("stage", "inference")
                 row["montage"] = make_montage(

@@ -19,13 +19,14 @@ demo-sized (``"demo"`` profile, for the main job). The harness (:mod:`common.bun
         {"name": "inference", "config_file": ["configs/inference.json"], "run_id": "run",
          "uses_checkpoint": "ckpt_path", "outputs": {"pattern": "{case}_seg.nii.gz", "reference": "image"}}
       ],
-      "summary": {"stage": "evaluate", "file": "summary.json", "metric": "mean_dice"},
+      "summary": {"stage": "evaluate", "file": "summary.json", "metrics": ["mean_dice", "mean_hd95_mm"]},
       "montage": {"image": "image", "channel": 0, "output": "{case}_seg.nii.gz", "kind": "mask", "label": "label"}
     }
 
 Every stage receives ``dataset_dir``, ``data_list_file_path``, ``output_dir`` (``<work>/<stage>``),
 ``ckpt_dir`` (``<work>/checkpoints``) and ``device``; a stage with ``uses_checkpoint`` gets the trained
-checkpoint (``<work>/checkpoints/model.pt``) under that config id.
+checkpoint (``<work>/checkpoints/model.pt``) under that config id. ``summary`` names the stage output whose
+``metrics`` (the first is the headline) the main job's table shows.
 """
 
 from __future__ import annotations
@@ -62,15 +63,23 @@ class StageResult:
 
 @dataclass
 class PipelineResult:
-    """The outcome of :func:`run_pipeline`: data locations, stage results and the summary metric."""
+    """The outcome of :func:`run_pipeline`: data locations, stage results and the summary metrics (name -> value)."""
 
     bundle: str
     dataset_dir: str
     datalist: str
     work_dir: str
     stages: list[StageResult] = field(default_factory=list)
-    metric_name: str | None = None
-    metric_value: float | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def metric_name(self) -> str | None:
+        """The headline metric: the first of the summary's ``metrics``."""
+        return next(iter(self.metrics), None)
+
+    @property
+    def metric_value(self) -> float | None:
+        return self.metrics.get(self.metric_name) if self.metric_name else None
 
     @property
     def seconds(self) -> float:
@@ -240,12 +249,21 @@ def run_pipeline(
     summary = spec.get("summary")
     if summary and (wanted is None or summary["stage"] in wanted):
         path = os.path.join(work_dir, summary["stage"], summary["file"])
-        with open(path) as f:
-            values = json.load(f)
-        if summary["metric"] not in values:
-            raise BundleRunError(f"{path}: summary has no {summary['metric']!r} (keys: {sorted(values)})")
-        result.metric_name, result.metric_value = summary["metric"], float(values[summary["metric"]])
+        result.metrics = read_summary_metrics(path, summary["metrics"])
     return result
+
+
+def read_summary_metrics(path: str, names: Sequence[str]) -> dict[str, float | None]:
+    """``{name: value}`` of ``names`` in the summary JSON ``path``, in that order (``None`` where the value is null).
+
+    Raises ``BundleRunError`` naming the file when a name is missing (a misspelt key fails loudly).
+    """
+    with open(path) as f:
+        values = json.load(f)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise BundleRunError(f"{path}: summary has no {missing} (keys: {sorted(values)})")
+    return {n: None if values[n] is None else float(values[n]) for n in names}
 
 
 def _as_list(value: Any) -> list[str]:

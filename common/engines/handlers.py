@@ -2,7 +2,9 @@
 
 MONAI's :class:`~monai.handlers.MetricsSaver` writes per-case CSV files; the collection's evaluate configs also
 promise one machine-readable ``summary.json`` (mean of each metric, overall and per region/channel), which the
-main job and the model cards read. ``MetricsSummaryJSON`` writes it, atomically.
+main job and the model cards read. ``MetricsSummaryJSON`` writes it, atomically. ``SegmentationMetricsHandler``
+drives :class:`common.metrics.segmentation.SegmentationMetrics` (HD95 and NSD in mm, BraTS lesion-wise scores)
+and files each of its metrics under its own name, as if each were a MONAI metric handler.
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import IgniteMetricHandler
 
 from common.io import atomic_path
+from common.metrics.segmentation import (
+    BRATS_DILATION,
+    BRATS_MIN_LESION_MM3,
+    BRATS_PENALTY_MM,
+    METRIC_NAMES,
+    SegmentationMetrics,
+)
 
 
 class MetricsSummaryJSON:
@@ -68,6 +78,48 @@ class MetricsSummaryJSON:
             summary[f"mean_{name}"] = _nanmean(arr)
         with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
+
+
+class SegmentationMetricsHandler(IgniteMetricHandler):
+    """Ignite metric: :class:`~common.metrics.segmentation.SegmentationMetrics` of every case an evaluator sees.
+
+    One pass over each case computes all of :data:`~common.metrics.segmentation.METRIC_NAMES` (``hd95_mm``,
+    ``nsd``, ``lesion_dice``, ``lesion_hd95_mm``, ``lesions_tp``, ``lesions_fn``, ``lesions_fp``); at the end of
+    the run each mean over cases and regions goes to ``engine.state.metrics[<name>]`` and, with
+    ``save_details``, each ``(cases, regions)`` table to ``engine.state.metric_details[<name>]``, where MONAI's
+    ``MetricsSaver`` and :class:`MetricsSummaryJSON` find them. The spacing of every case is read from the affine
+    of its reference (``y``, a MetaTensor): distances are in mm on the grid the metric is computed on. MONAI's
+    ``IgniteMetricHandler`` keeps one buffer under one name, hence this subclass.
+
+    Args:
+        nsd_tolerance_mm, dilation, min_lesion_volume_mm3, penalty_mm: see ``SegmentationMetrics``.
+        output_transform: engine output -> ``(y_pred, y)``, e.g. ``from_engine(["pred", "label"])``.
+        save_details: store the per-case tables. Default True.
+    """
+
+    def __init__(
+        self,
+        nsd_tolerance_mm: float | Sequence[float] = 1.0,
+        dilation: int = BRATS_DILATION,
+        min_lesion_volume_mm3: float = BRATS_MIN_LESION_MM3,
+        penalty_mm: float = BRATS_PENALTY_MM,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric = SegmentationMetrics(nsd_tolerance_mm, dilation, min_lesion_volume_mm3, penalty_mm)
+        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
+        # ignite's documented result mode: each key of the returned dict becomes a metric of its own
+        self._metrics_result_mode = "flatten"
+
+    def compute(self) -> dict[str, float]:
+        if self.save_details:
+            if self._engine is None:
+                raise RuntimeError("SegmentationMetricsHandler: call attach() first")
+            table = self.metric_fn.get_buffer()
+            for i, name in enumerate(METRIC_NAMES):
+                self._engine.state.metric_details[name] = table[..., i]
+        self._is_reduced = True
+        return self.metric_fn.aggregate()
 
 
 def _nanmean(arr: np.ndarray) -> float | None:

@@ -3,14 +3,22 @@
 The COVID-19 pipeline is evaluated (Shabani et al., Computers in Biology and Medicine 2022; El Fahsi et al.) by
 Dice, sensitivity and specificity per slice and per volume, and by how they depend on the infected fraction of
 the lung. :class:`LesionReportWriter` collects them from an evaluator (metrics of
-:func:`common.metrics.lesion.lesion_metrics`) and writes, atomically, into ``output_dir``:
+:func:`common.metrics.lesion.lesion_metrics`), adds per volume HD95 in mm and NSD (normalised surface Dice) at a
+tolerance in mm, both from the CT's own spacing on the CT's own grid (:mod:`common.metrics.segmentation`:
+MONAI's HD95 and NSD; a volume whose prediction is empty scores 374 mm and NSD 0, the BraTS convention), and
+writes, atomically, into ``output_dir``:
 
-- ``metrics_per_volume.csv``: ``case, lesion_fraction, dice, sensitivity, specificity, tp, fp, fn, tn``;
+- ``metrics_per_volume.csv``: ``case, lesion_fraction, dice, sensitivity, specificity, hd95_mm, nsd, tp, fp, fn,
+  tn``;
 - ``metrics_per_slice.csv``: ``case, slice, lesion_fraction, dice, sensitivity, specificity``;
 - ``<metric>_vs_lesion_fraction.png`` for dice, sensitivity and specificity (slices as dots, volumes as
   circles);
-- ``summary.json``: ``num_cases``, ``mean_<metric>`` / ``std_<metric>`` over volumes, ``slice_mean_<metric>``
-  over slices (NaN-ignoring; ``None`` where undefined), plus any ``extra`` entries.
+- ``summary.json``: ``num_cases``, ``mean_<metric>`` / ``std_<metric>`` over volumes (also for ``hd95_mm`` and
+  ``nsd``), ``slice_mean_<metric>`` over slices (NaN-ignoring; ``None`` where undefined), ``nsd_tolerance_mm``,
+  plus any ``extra`` entries.
+
+The NSD tolerance defaults to 3 mm, the tolerance of the COVID-19 CT infection benchmark (Ma et al., "Toward
+data-efficient learning: a benchmark for COVID-19 CT lung and infection segmentation", Medical Physics 2021).
 
 MONAI's ``MetricsSaver`` writes one CSV of per-case values of ignite metrics; it has no per-slice rows, no
 region of interest for the confusion counts and no plots, hence this handler. :func:`write_lesion_report`
@@ -36,10 +44,15 @@ from monai.utils import convert_to_numpy  # noqa: E402
 
 from common.io import atomic_path  # noqa: E402
 from common.metrics.lesion import METRIC_NAMES, confusion_counts, lesion_metrics  # noqa: E402
+from common.metrics.segmentation import BRATS_PENALTY_MM, grid_spacing, hd95, surface_dice  # noqa: E402
 
 __all__ = ["LesionReportWriter", "case_rows", "write_lesion_report"]
 
-VOLUME_COLUMNS = ("case", "lesion_fraction", *METRIC_NAMES, "tp", "fp", "fn", "tn")
+#: per-volume distance metrics (mm from the CT's spacing), beside the voxel-count ratios of METRIC_NAMES.
+DISTANCE_NAMES = ("hd95_mm", "nsd")
+#: NSD tolerance (mm) of the COVID-19 CT infection benchmark (Ma et al. 2021).
+NSD_TOLERANCE_MM = 3.0
+VOLUME_COLUMNS = ("case", "lesion_fraction", *METRIC_NAMES, *DISTANCE_NAMES, "tp", "fp", "fn", "tn")
 SLICE_COLUMNS = ("case", "slice", "lesion_fraction", *METRIC_NAMES)
 
 
@@ -53,13 +66,29 @@ def _spatial(x: Any, name: str) -> np.ndarray:
 
 
 def case_rows(
-    case: str, pred: Any, label: Any, lung: Any, slice_axis: int = 2
+    case: str,
+    pred: Any,
+    label: Any,
+    lung: Any,
+    slice_axis: int = 2,
+    spacing: Sequence[float] | None = None,
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The per-volume row and the per-slice rows of one case (see :data:`VOLUME_COLUMNS`, :data:`SLICE_COLUMNS`)."""
+    """The per-volume row and the per-slice rows of one case (see :data:`VOLUME_COLUMNS`, :data:`SLICE_COLUMNS`).
+
+    ``spacing`` (mm per axis of the arrays) defaults to the spacing of ``label``'s affine (a MetaTensor); a plain
+    array without ``spacing`` is an error (distances are never computed in voxels).
+    """
+    if spacing is None:
+        spacing = grid_spacing(label, 3)
     p, lab, lu = _spatial(pred, "pred"), _spatial(label, "label"), _spatial(lung, "lung")
     volume, slices = lesion_metrics(p, lab, lu, slice_axis=slice_axis)
     counts = confusion_counts(p, lab, lu)
-    row = {"case": case, **volume, **{k: int(counts[k]) for k in ("tp", "fp", "fn", "tn")}}
+    distances = {
+        "hd95_mm": hd95(p, lab, spacing, BRATS_PENALTY_MM),
+        "nsd": surface_dice(p, lab, spacing, nsd_tolerance_mm),
+    }
+    row = {"case": case, **volume, **distances, **{k: int(counts[k]) for k in ("tp", "fp", "fn", "tn")}}
     slice_rows = [
         {"case": case, "slice": int(z), **{k: float(slices[k][i]) for k in ("lesion_fraction", *METRIC_NAMES)}}
         for i, z in enumerate(slices["slice"])
@@ -110,14 +139,21 @@ def write_lesion_report(
     title: str = "",
     plots: bool = True,
     extra: Mapping[str, Any] | None = None,
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> dict[str, Any]:
-    """Write the CSVs, plots and summary of the module docstring; return the summary."""
+    """Write the CSVs, plots and summary of the module docstring; return the summary.
+
+    ``nsd_tolerance_mm`` is the tolerance the rows' ``nsd`` was computed at (written to the summary).
+    """
     os.makedirs(output_dir, exist_ok=True)
     _write_csv(os.path.join(output_dir, "metrics_per_volume.csv"), volume_rows, VOLUME_COLUMNS)
     _write_csv(os.path.join(output_dir, "metrics_per_slice.csv"), slice_rows, SLICE_COLUMNS)
     summary: dict[str, Any] = dict(extra or {})
     summary["num_cases"] = len(volume_rows)
     summary["num_slices"] = len(slice_rows)
+    summary["nsd_tolerance_mm"] = float(nsd_tolerance_mm)
+    for metric in DISTANCE_NAMES:
+        summary[f"mean_{metric}"], summary[f"std_{metric}"] = _stats([r[metric] for r in volume_rows])
     for metric in METRIC_NAMES:
         summary[f"mean_{metric}"], summary[f"std_{metric}"] = _stats([r[metric] for r in volume_rows])
         summary[f"slice_mean_{metric}"], _ = _stats([r[metric] for r in slice_rows])
@@ -135,8 +171,9 @@ class LesionReportWriter:
     Reads, from each decollated item of ``engine.state.batch`` / ``engine.state.output`` (output first), the
     binary prediction ``pred_key``, the reference ``label_key`` and the lung mask ``lung_key``, all on one
     grid (``(1, X, Y, Z)``; e.g. the prediction and lung mask mapped back to the CT grid with
-    :class:`common.data.chest_ct.LungRestored`), and the case id ``case_key``. Cases without a reference
-    (no ``label_key``) are skipped. Files: see the module docstring.
+    :class:`common.data.chest_ct.LungRestored`), and the case id ``case_key``. The spacing of the distances is
+    that of the reference's affine (a MetaTensor on the CT's grid). Cases without a reference (no
+    ``label_key``) are skipped. Files: see the module docstring.
 
     Args:
         output_dir: folder of the report.
@@ -146,6 +183,7 @@ class LesionReportWriter:
         title: prefix of the plot titles.
         plots: write the PNG plots. Default True.
         extra: constant entries added to the summary.
+        nsd_tolerance_mm: NSD tolerance in mm. Default 3 (Ma et al. 2021).
     """
 
     def __init__(
@@ -160,8 +198,10 @@ class LesionReportWriter:
         title: str = "",
         plots: bool = True,
         extra: Mapping[str, Any] | None = None,
+        nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
     ) -> None:
         self.output_dir = output_dir
+        self.nsd_tolerance_mm = float(nsd_tolerance_mm)
         self.pred_key, self.label_key, self.lung_key, self.case_key = pred_key, label_key, lung_key, case_key
         self.slice_axis = slice_axis
         self.summary_file = summary_file
@@ -189,12 +229,24 @@ class LesionReportWriter:
                 continue
             case = str(item.get(self.case_key, len(self.volume_rows)))
             row, slices = case_rows(
-                case, item[self.pred_key], item[self.label_key], item[self.lung_key], self.slice_axis
+                case,
+                item[self.pred_key],
+                item[self.label_key],
+                item[self.lung_key],
+                self.slice_axis,
+                nsd_tolerance_mm=self.nsd_tolerance_mm,
             )
             self.volume_rows.append(row)
             self.slice_rows += slices
 
     def _write(self, engine: Engine) -> None:
         write_lesion_report(
-            self.volume_rows, self.slice_rows, self.output_dir, self.summary_file, self.title, self.plots, self.extra
+            self.volume_rows,
+            self.slice_rows,
+            self.output_dir,
+            self.summary_file,
+            self.title,
+            self.plots,
+            self.extra,
+            self.nsd_tolerance_mm,
         )

@@ -87,7 +87,7 @@ def test_msd_and_brats2023_layouts_end_to_end(tmp_path):
         os.path.join(work, "evaluate.log"),
     )
     summary = json.loads(open(os.path.join(work, "evaluate", "summary.json")).read())
-    assert {"dice_TC", "dice_WT", "dice_ET", "mean_dice", "mean_hd95"} <= set(summary)
+    assert {"dice_TC", "dice_WT", "dice_ET", "mean_dice", "mean_hd95_mm", "mean_lesion_dice"} <= set(summary)
     for layout, data, datalist, allowed in [
         ("msd_task01", msd, msd_list, {0, 1, 2, 3}),
         ("brats2023", *_dataset(tmp_path, "brats2023"), {0, 1, 2, 3}),

@@ -9,15 +9,20 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
+from monai.data import MetaTensor
 
 from common.data.pseudo_masks import load_slice_classes, slice_classes
 from common.engines.lesion_report import LesionReportWriter, case_rows, write_lesion_report
 from common.engines.slice_classes import SliceClassesWriter
 from common.metrics.lesion import lesion_metrics
+from common.metrics.segmentation import hd95, surface_dice
+
+SPACING = (0.7, 0.8, 5.0)  # a CT grid: the reference's affine carries it
+AFFINE = torch.diag(torch.tensor([*SPACING, 1.0]))
 
 
 def case(seed: int) -> dict:
-    """(1, 6, 6, 4) lung, reference and a prediction that finds part of it."""
+    """(1, 6, 6, 4) lung, reference (on an anisotropic CT grid) and a prediction that finds part of it."""
     rng = np.random.default_rng(seed)
     lung = np.zeros((1, 6, 6, 4), dtype=np.float32)
     lung[:, 1:5, 1:5, :3] = 1
@@ -25,7 +30,8 @@ def case(seed: int) -> dict:
     pred = label.copy()
     pred[:, 1, :, :] = 0  # misses some lesion
     pred[:, 4, 1, 0] = 1  # and adds a false positive
-    return {"case": f"s{seed}", "pred": torch.as_tensor(pred), "label": torch.as_tensor(label), "lung": lung}
+    label = MetaTensor(torch.as_tensor(label), affine=AFFINE)
+    return {"case": f"s{seed}", "pred": torch.as_tensor(pred), "label": label, "lung": lung}
 
 
 def run_engine(handler, items: list[dict]) -> Engine:
@@ -52,23 +58,41 @@ def test_report_writer_files_match_the_metrics(tmp_path):
         vol, _ = lesion_metrics(item["pred"][0], item["label"][0], item["lung"][0])
         for k in ("dice", "sensitivity", "specificity", "lesion_fraction"):
             assert float(r[k]) == pytest.approx(vol[k])
+        # distances in mm from the reference's spacing, not in voxels
+        p, g = item["pred"][0].numpy(), item["label"][0].numpy()
+        assert float(r["hd95_mm"]) == pytest.approx(hd95(p, g, SPACING), abs=1e-4)
+        assert float(r["hd95_mm"]) != pytest.approx(hd95(p, g, (1.0, 1.0, 1.0)), abs=0.1)
+        assert float(r["nsd"]) == pytest.approx(surface_dice(p, g, SPACING, 3.0), abs=1e-4)
     with open(tmp_path / "metrics_per_slice.csv") as f:
         slices = list(csv.DictReader(f))
     assert [int(r["slice"]) for r in slices if r["case"] == "s0"] == [0, 1, 2]  # slice 3 holds no lung
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_cases"] == 2 and summary["num_slices"] == 6
     assert summary["mean_dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]))
+    assert summary["mean_hd95_mm"] == pytest.approx(np.mean([float(r["hd95_mm"]) for r in rows]))
+    assert summary["nsd_tolerance_mm"] == 3.0 and "std_nsd" in summary
     for metric in ("dice", "sensitivity", "specificity"):
         assert (tmp_path / f"{metric}_vs_lesion_fraction.png").stat().st_size > 1000
 
 
 def test_write_report_with_undefined_values(tmp_path):
-    row, slices = case_rows("empty", np.zeros((4, 4, 2)), np.zeros((4, 4, 2)), np.ones((4, 4, 2)))
+    row, slices = case_rows("empty", np.zeros((4, 4, 2)), np.zeros((4, 4, 2)), np.ones((4, 4, 2)), spacing=SPACING)
     summary = write_lesion_report([row], slices, str(tmp_path), plots=False, extra={"method": "x"})
     assert summary["mean_dice"] is None and summary["mean_specificity"] == 1.0 and summary["method"] == "x"
     text = (tmp_path / "metrics_per_volume.csv").read_text().splitlines()
-    assert text[1].startswith("empty,0.0,,,1.0")  # NaN written as an empty cell
+    # NaN written as an empty cell; both masks empty: HD95 0, NSD 1 (BraTS convention)
+    assert text[0].startswith("case,lesion_fraction,dice,sensitivity,specificity,hd95_mm,nsd,")
+    assert text[1].startswith("empty,0.0,,,1.0,0.0,1.0,")
     assert not (tmp_path / "dice_vs_lesion_fraction.png").exists()
+
+
+def test_case_rows_need_a_spacing():
+    lesion = np.zeros((4, 4, 2))
+    lesion[1:3, 1:3, 0] = 1
+    with pytest.raises(ValueError, match="spacing is unknown"):
+        case_rows("plain", np.zeros_like(lesion), lesion, np.ones_like(lesion))
+    row, _ = case_rows("missed", np.zeros_like(lesion), lesion, np.ones_like(lesion), spacing=SPACING)
+    assert (row["dice"], row["hd95_mm"], row["nsd"]) == (0.0, 374.0, 0.0)  # an empty prediction: the penalty
 
 
 def test_slice_classes_writer_uses_dataset_wide_quartiles(tmp_path):
