@@ -59,6 +59,7 @@ from common.data.layouts import (
     DatasetLayout,
     LayoutScan,
     Problem,
+    find_layout,
     get_layout,
     layout_names,
 )
@@ -414,7 +415,7 @@ def verify_datalist(
         DataError: the datalist is unreadable, lacks one of ``keys``, or names no known layout.
     """
     layout = datalist_info(data_list_file_path)["layout"]
-    if layout not in layout_names():
+    if find_layout(layout) is None:
         known = ", ".join(layout_names())
         problem = f"layout {layout!r} is not one of {known} (write it with tools/prepare_datalist.py)"
         raise DataError(data_list_file_path, problem)

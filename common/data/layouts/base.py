@@ -29,6 +29,7 @@ __all__ = [
     "DatasetLayout",
     "LayoutScan",
     "Problem",
+    "find_layout",
     "get_layout",
     "layout_names",
     "path_keys",
@@ -220,6 +221,11 @@ def get_layout(layout: str | DatasetLayout) -> DatasetLayout:
     if not isinstance(layout, str) or layout not in _REGISTRY:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(_REGISTRY)}")
     return _REGISTRY[layout]
+
+
+def find_layout(name: Any) -> DatasetLayout | None:
+    """The registered layout named ``name``, or ``None`` (for a datalist's ``"layout"``, which may be anything)."""
+    return _REGISTRY.get(name) if isinstance(name, str) else None
 
 
 def path_keys() -> tuple[str, ...]:
