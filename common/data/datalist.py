@@ -15,7 +15,8 @@ Split rules, which a user must know:
 - MosMed studies with a mask are evaluation data: they are split between ``validation`` and
   ``testing`` in the ratio ``val_fraction : test_fraction`` and never enter ``training``;
   :func:`validate_datalist_no_leak` re-checks this when training starts.
-- ADNI pairs are split by subject, so that no subject is in two lists.
+- ADNI pairs are split by subject, so that no subject is in two lists (a layout's ``group_key``); a group
+  takes the strictest role of its items (one test-only item sends the whole group to ``testing``).
 - Fractions count cases (subjects for ``adni_pairs``). With 3 or more, every list whose fraction is
   positive gets at least one.
 - With ``num_folds=K``: ``test_fraction`` of the cases is held out in ``testing``; the rest is dealt into
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 _LIST_KEYS = ("training", "validation", "testing")
+_STRICTNESS = (ANY, EVALUATION, TEST)  # split roles, from the least to the most restricted
 
 
 def check_split_options(
@@ -187,24 +189,27 @@ def build_datalist(
         )
         errors += [_file_error(p) for found in checked for p in found]
     _raise_problems(data_dir, errors)
-    cases = [(spec.split_role(item), item) for item in scan.items]
 
     def group_of(item: dict[str, Any]) -> str:
         return item[spec.group_key]
 
+    roles: dict[str, str] = {}  # a group's strictest item role: one test-only item makes it a test group
+    for item in scan.items:
+        role, group = spec.split_role(item), group_of(item)
+        roles[group] = max(roles.get(group, ANY), role, key=_STRICTNESS.index)
     rng = random.Random(seed)
     assignment: dict[str, tuple[str, int | None]] = {}
-    trainable = [group_of(it) for r, it in cases if r == ANY]
+    trainable = [g for g, r in roles.items() if r == ANY]
     assignment |= _split(trainable, rng, val_fraction, test_fraction, num_folds, fold, data_dir)
-    evaluation = [group_of(it) for r, it in cases if r == EVALUATION]
+    evaluation = [g for g, r in roles.items() if r == EVALUATION]
     assignment |= _split_evaluation(evaluation, rng, val_fraction, test_fraction)
-    assignment |= {group_of(it): ("testing", None) for r, it in cases if r == TEST}
+    assignment |= {g: ("testing", None) for g, r in roles.items() if r == TEST}
 
     datalist: dict[str, Any] = {"layout": spec.name, **spec.datalist_header(), "seed": seed}
     if num_folds is not None:
         datalist |= {"num_folds": num_folds, "fold": fold}
     datalist |= {key: [] for key in _LIST_KEYS}
-    for _, item in sorted(cases, key=lambda c: c[1]["case"]):
+    for item in sorted(scan.items, key=lambda it: it["case"]):
         target, k = assignment[group_of(item)]
         datalist[target].append(item if k is None else {**item, "fold": k})
     return datalist
