@@ -119,8 +119,8 @@ class DatasetLayout:
             a training case whose label exists on disk.
         image_defines_case: the case is its one image file (a MosMed study), so without it there is no case
             (the ``missing_modality`` defect does not exist).
-        synthetic_writer: ``writer(output_dir, num_cases, shape, seed, progress, **options)`` writing phantoms
-            in the layout, or its dotted name (resolved when writing, so that the layout definitions, which the
+        synthetic_writer: ``writer(output_dir, num_cases, shape, seed, progress, **synthetic_options,
+            **generator_kwargs)`` writing phantoms in the layout and returning the case ids, or its dotted name (resolved when writing, so that the layout definitions, which the
             packaged bundles vendor with the integrity check, do not import the phantom generators); ``None``:
             no synthetic data.
         synthetic_options: further keyword arguments of ``synthetic_writer`` (the BraTS file naming).
