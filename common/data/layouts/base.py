@@ -102,7 +102,7 @@ class DatasetLayout:
             4), checked by the integrity check; ``None``: one file per image key.
         channel_order: channel names of a 4D image file (MSD: FLAIR, T1w, T1gd, T2w), written to the datalist
             and its items; the integrity check then expects 4D images with that many channels (else 3D).
-        channel_reorder: index order bringing the image channels to :data:`modalities`
+        channel_reorder: index order bringing the image channels to ``modalities``
             (``common.data.labels.ReorderChannelsd``); ``None`` when they already are.
         modalities: the image channels as the bundles see them (brain: ``BRAIN_MODALITIES``), written to the
             datalist; ``None`` for single-image layouts.
