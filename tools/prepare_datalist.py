@@ -5,7 +5,7 @@ Example::
     python tools/prepare_datalist.py --layout brats2021 --data_dir /data/BraTS2021 --output datalist.json \\
         --seed 0 --val_fraction 0.2 --test_fraction 0.1 [--num_folds 5 --fold 0] [--check_data false]
 
-Layouts: brats2021, brats2023, msd_task01, mosmed, adni_pairs (see ``common/data/datalist.py``).
+Layouts: brats2021, brats2023, msd_task01, mosmed, adni_pairs, and any registered later (``common/data/layouts/``).
 Prints one summary line. On bad data it prints one line naming the file(s), exits with status 2 and
 writes no output file.
 """

@@ -5,11 +5,11 @@ Example::
     python tools/verify_dataset.py --layout brats2021 --data_dir /data/BraTS2021 [--output report.json] \\
         [--num_workers 8] [--progress false] [--verbose true]
 
-Layouts: brats2021, brats2023, msd_task01, mosmed, adni_pairs (see ``common/data/integrity.py`` for what is
-checked). Output: ``N cases checked, no problems`` and exit status 0 for a clean folder; otherwise one
-``case: file: problem`` line per problem, then a count, and exit status 1. A bad command line (unknown layout,
-missing folder) prints one ``error:`` line and exits with status 2. ``--output`` writes the report as JSON
-(also when clean). ``--verbose true`` logs benign notes (orientation, anisotropy) on stderr.
+Layouts: brats2021, brats2023, msd_task01, mosmed, adni_pairs, and any registered later (``common/data/layouts/``;
+see ``common/data/integrity.py`` for what is checked). Output: ``N cases checked, no problems`` and exit status 0
+for a clean folder; otherwise one ``case: file: problem`` line per problem, then a count, and exit status 1. A bad
+command line (unknown layout, missing folder) prints one ``error:`` line and exits with status 2. ``--output``
+writes the report as JSON (also when clean). ``--verbose true`` logs benign notes (orientation, anisotropy) on stderr.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.cli import run_cli
-from common.data.integrity import DATASET, LAYOUTS, dataset_report
+from common.data.integrity import DATASET, dataset_report
+from common.data.layouts import layout_names
 from common.errors import DataError
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -47,8 +48,8 @@ def verify_dataset(
     verbose: bool | str = False,
 ) -> None:
     """Check every case of DATA_DIR in LAYOUT; print the problems; exit 1 if there are any."""
-    if str(layout) not in LAYOUTS:
-        raise DataError("--layout", f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if str(layout) not in layout_names():
+        raise DataError("--layout", f"unknown layout {layout!r}; expected one of {', '.join(layout_names())}")
     if _boolean("verbose", verbose):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         logging.getLogger("common.data.integrity").setLevel(logging.DEBUG)  # the benign per-case notes

@@ -4,21 +4,9 @@ A user brings a dataset in the layout it is distributed in; :func:`build_datalis
 reports every problem of the folder in one error, optionally reads every file to check it, and splits
 the cases deterministically. Finding the cases and checking their files is :mod:`common.data.integrity`'s
 job (``scan_layout``, ``check_items``), shared with ``tools/verify_dataset.py``; this module splits and writes.
-Layouts (``DIR`` is ``data_dir``):
-
-``brats2021``
-    ``DIR/BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz``.
-``brats2023``
-    ``DIR/BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (any ``BraTS-<task>-N-N``
-    challenge prefix: GLI, MEN, MET, PED, SSA).
-``msd_task01``
-    Decathlon Task01_BrainTumour: ``DIR/dataset.json`` listing ``imagesTr/``, ``labelsTr/``, ``imagesTs/``;
-    one 4D image per case with channels FLAIR, T1w, T1gd, T2w.
-``mosmed``
-    MosMedData COVID19_1110: ``DIR/studies/CT-{0..4}/study_XXXX.nii.gz`` and lesion masks
-    ``DIR/masks/study_XXXX_mask.nii.gz``; other folders are ignored.
-``adni_pairs``
-    ``DIR/<subject>/<image_id>_mri_MNI152.nii.gz`` with ``<image_id>_FDG_MNI152.nii.gz``.
+The folder trees, and the split role, grouping key and dataset-level facts of each layout, are defined in
+:mod:`common.data.layouts` (one module per layout: ``brats2021``, ``brats2023``, ``msd_task01``, ``mosmed``,
+``adni_pairs``).
 
 Split rules, which a user must know:
 
@@ -27,7 +15,8 @@ Split rules, which a user must know:
 - MosMed studies with a mask are evaluation data: they are split between ``validation`` and
   ``testing`` in the ratio ``val_fraction : test_fraction`` and never enter ``training``;
   :func:`validate_datalist_no_leak` re-checks this when training starts.
-- ADNI pairs are split by subject, so that no subject is in two lists.
+- ADNI pairs are split by subject, so that no subject is in two lists (a layout's ``group_key``); a group
+  takes the strictest role of its items (one test-only item sends the whole group to ``testing``).
 - Fractions count cases (subjects for ``adni_pairs``). With 3 or more, every list whose fraction is
   positive gets at least one.
 - With ``num_folds=K``: ``test_fraction`` of the cases is held out in ``testing``; the rest is dealt into
@@ -55,7 +44,7 @@ from common.data.integrity import (
     check_items,
     scan_layout,
 )
-from common.data.labels import BRAIN_MODALITIES
+from common.data.layouts import ANY, EVALUATION, TEST, find_layout, get_layout
 from common.errors import DataError
 from common.io import atomic_path
 
@@ -69,36 +58,14 @@ __all__ = [
 ]
 
 _LIST_KEYS = ("training", "validation", "testing")
-
-# roles of a scanned case: may go anywhere / validation or testing only / testing only
-_ANY, _EVAL, _TEST = "any", "eval", "test"
-
-
-def _role(layout: str, item: dict[str, Any]) -> str:
-    """Where a case may go: unlabelled brain cases are test data, masked MosMed studies evaluation data."""
-    if layout == "mosmed":
-        return _EVAL if "label" in item else _ANY
-    if layout == "adni_pairs" or "label" in item:
-        return _ANY
-    return _TEST
-
-
-def _header(layout: str) -> dict[str, Any]:
-    """Dataset-level datalist keys: the label convention, modalities and MSD channel order of brain layouts."""
-    if layout == "mosmed" or layout == "adni_pairs":
-        return {}
-    header: dict[str, Any] = {"label_convention": layout, "modalities": list(BRAIN_MODALITIES)}
-    if layout == "msd_task01":
-        header["channel_order"] = list(MSD_CHANNEL_ORDER)
-    return header
+_STRICTNESS = (ANY, EVALUATION, TEST)  # split roles, from the least to the most restricted
 
 
 def check_split_options(
     layout: str, val_fraction: float, test_fraction: float, num_folds: int | None, fold: int
 ) -> None:
     """Raise ``ValueError`` with a clear message if the layout or split options are invalid."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    get_layout(layout)
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -189,7 +156,7 @@ def build_datalist(
     BraTS2021_00003_t2.nii.gz; ..."``); a single problem is raised with its own file as the path.
 
     Args:
-        layout: one of :data:`LAYOUTS`.
+        layout: a registered layout's name (:func:`~common.data.layouts.layout_names`).
         data_dir: the dataset folder.
         seed: seed of the split; the result is a function of (files found, seed, fractions, folds).
         val_fraction: fraction of the cases in ``validation`` (ignored for the folds with ``num_folds``).
@@ -201,43 +168,48 @@ def build_datalist(
         num_workers: threads reading files while checking (decompression releases the GIL).
 
     Returns:
-        ``{"layout", ["label_convention", "modalities" (brain), "channel_order" (MSD)], "seed",
-        ["num_folds", "fold"], "training", "validation", "testing"}``; items are sorted by case id.
-        Item keys: BraTS ``case, image (t1c, t1, t2, flair), label``; MSD ``case, image, label,
-        channel_order``; MosMed ``case, image, category, label (masked studies)``; ADNI
+        ``{"layout", [the layout's ``datalist_header()``: "label_convention", "modalities" (brain),
+        "channel_order" (MSD)], "seed", ["num_folds", "fold"], "training", "validation", "testing"}``; items are
+        sorted by case id. Item keys: BraTS ``case, image (t1c, t1, t2, flair), label``; MSD ``case, image,
+        label, channel_order``; MosMed ``case, image, category, label (masked studies)``; ADNI
         ``case, subject, mri, pet``.
     """
     check_split_options(layout, val_fraction, test_fraction, num_folds, fold)
+    spec = get_layout(layout)
     num_folds, fold = (None if num_folds is None else int(num_folds)), int(fold)
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise DataError(data_dir, "data folder not found")
-    scan = scan_layout(layout, data_dir)
+    scan = scan_layout(spec, data_dir)
     # a missing or duplicate file is the case's problem (named by case); dataset-level ones by their path
     errors = [DataError(p.path if p.case == DATASET else p.case, p.problem) for p in scan.problems]
     if check_data and scan.items:
         checked = check_items(
-            scan.items, layout, data_dir, thorough=False, num_workers=int(num_workers), progress=progress
+            scan.items, spec, data_dir, thorough=False, num_workers=int(num_workers), progress=progress
         )
         errors += [_file_error(p) for found in checked for p in found]
     _raise_problems(data_dir, errors)
-    cases = [(_role(layout, item), item) for item in scan.items]
-    header = _header(layout)
 
-    group_of = (lambda it: it["subject"]) if layout == "adni_pairs" else (lambda it: it["case"])
+    def group_of(item: dict[str, Any]) -> str:
+        return item[spec.group_key]
+
+    roles: dict[str, str] = {}  # a group's strictest item role: one test-only item makes it a test group
+    for item in scan.items:
+        role, group = spec.split_role(item), group_of(item)
+        roles[group] = max(roles.get(group, ANY), role, key=_STRICTNESS.index)
     rng = random.Random(seed)
     assignment: dict[str, tuple[str, int | None]] = {}
-    trainable = [group_of(it) for r, it in cases if r == _ANY]
+    trainable = [g for g, r in roles.items() if r == ANY]
     assignment |= _split(trainable, rng, val_fraction, test_fraction, num_folds, fold, data_dir)
-    evaluation = [group_of(it) for r, it in cases if r == _EVAL]
+    evaluation = [g for g, r in roles.items() if r == EVALUATION]
     assignment |= _split_evaluation(evaluation, rng, val_fraction, test_fraction)
-    assignment |= {group_of(it): ("testing", None) for r, it in cases if r == _TEST}
+    assignment |= {g: ("testing", None) for g, r in roles.items() if r == TEST}
 
-    datalist: dict[str, Any] = {"layout": layout, **header, "seed": seed}
+    datalist: dict[str, Any] = {"layout": spec.name, **spec.datalist_header(), "seed": seed}
     if num_folds is not None:
         datalist |= {"num_folds": num_folds, "fold": fold}
     datalist |= {key: [] for key in _LIST_KEYS}
-    for _, item in sorted(cases, key=lambda c: c[1]["case"]):
+    for item in sorted(scan.items, key=lambda it: it["case"]):
         target, k = assignment[group_of(item)]
         datalist[target].append(item if k is None else {**item, "fold": k})
     return datalist
@@ -257,10 +229,11 @@ def _raise_problems(data_dir: str, problems: list[DataError]) -> None:
 def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, data_dir: str | None = None) -> None:
     """Raise :class:`~common.errors.DataError` if evaluation data could leak into training.
 
-    Checked for every layout: no case (no subject for ``adni_pairs``) is in two of training, validation,
-    testing. For ``mosmed`` datalists (``"layout": "mosmed"``) also: no training item has a ``label``, and,
-    if ``data_dir`` is given, no training study has a mask ``masks/<study>_mask.nii.gz`` on disk (the
-    masks are the only ground truth; training the GAN on them would inflate every reported number).
+    Checked for every layout: no group (the layout's ``group_key``: case, or subject for ``adni_pairs``) is in
+    two of training, validation, testing. For layouts whose labelled items are evaluation data (``mosmed``) also:
+    no training item has a ``label``, and, if ``data_dir`` is given, no training case has its label (the
+    layout's ``evaluation_label``, MosMed ``masks/<study>_mask.nii.gz``) on disk (the masks are the only ground
+    truth; training the GAN on them would inflate every reported number).
 
     Args:
         datalist: the datalist dict, or the path of its JSON file (then named in the error).
@@ -275,7 +248,8 @@ def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, d
         except (OSError, ValueError) as err:
             raise DataError(name, f"not a readable datalist JSON ({err})") from err
     layout = datalist.get("layout")
-    key = "subject" if layout == "adni_pairs" else "case"
+    spec = find_layout(layout)
+    key = spec.group_key if spec is not None else "case"
     problems, where = [], {}
     for list_name in _LIST_KEYS:
         for item in datalist.get(list_name, []):
@@ -283,12 +257,14 @@ def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, d
             if group in where and where[group] != list_name:
                 problems.append(f"{key} {group} is in both {where[group]} and {list_name}")
             where.setdefault(group, list_name)
-    if layout == "mosmed":
+    if spec is not None and spec.labelled_role == EVALUATION:
         for item in datalist.get("training", []):
             if "label" in item:
                 problems.append(f"training study {item.get('case')} has a label ({item['label']})")
-            mask = f"masks/{item.get('case')}_mask.nii.gz"
-            if data_dir is not None and os.path.isfile(os.path.join(os.fspath(data_dir), *mask.split("/"))):
+            if spec.evaluation_label is None or data_dir is None:
+                continue
+            mask = spec.evaluation_label.format(case=item.get("case"))
+            if os.path.isfile(os.path.join(os.fspath(data_dir), *mask.split("/"))):
                 problems.append(f"training study {item.get('case')} has a mask {mask}")
     if problems:
         raise DataError(name, "evaluation data in training: " + "; ".join(problems))

@@ -11,10 +11,8 @@ import json
 import os
 from typing import Any
 
-from common.data.labels import MSD_TO_STANDARD
+from common.data.layouts import find_layout, path_keys
 from common.errors import DataError
-
-PATH_KEYS = ("image", "label", "mri", "pet")
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -31,7 +29,8 @@ def _read(path: str) -> dict[str, Any]:
 
 
 def load_datalist(path: str, list_key: str, base_dir: str) -> list[dict[str, Any]]:
-    """Items of ``list_key`` with every path key (``image``, ``label``, ``mri``, ``pet``) joined onto ``base_dir``.
+    """Items of ``list_key`` with every path key of the layouts (``image``, ``label``, ``mri``, ``pet``, see
+    :func:`common.data.layouts.path_keys`) joined onto ``base_dir``.
 
     ``image`` may be a list (one file per modality); each entry is joined. An absent list raises
     :class:`~common.errors.DataError`; an empty one is returned empty.
@@ -39,10 +38,10 @@ def load_datalist(path: str, list_key: str, base_dir: str) -> list[dict[str, Any
     content = _read(path)
     if list_key not in content:
         raise DataError(path, f"datalist has no {list_key!r} list (keys: {sorted(content)})")
-    items = []
+    items, keys = [], path_keys()
     for item in content[list_key]:
         item = dict(item)
-        for key in PATH_KEYS:
+        for key in keys:
             if key in item:
                 value = item[key]
                 item[key] = (
@@ -58,10 +57,13 @@ def datalist_info(path: str) -> dict[str, Any]:
     """Dataset-level facts a bundle needs: ``layout``, ``label_convention`` and ``channel_reorder``.
 
     ``channel_reorder`` is the index order that brings the image channels to the collection's T1c, T1, T2,
-    FLAIR (``None`` when they already are, as for the BraTS layouts).
+    FLAIR (the layout's ``channel_reorder``: ``None`` when they already are, as for the BraTS layouts). A datalist
+    without ``label_convention`` gets its layout's, or else the layout name.
     """
     content = _read(path)
     layout = content.get("layout")
-    convention = content.get("label_convention", "msd_task01" if layout == "msd_task01" else layout)
-    reorder = list(MSD_TO_STANDARD) if layout == "msd_task01" else None
+    spec = find_layout(layout)
+    default = spec.label_convention if spec is not None and spec.label_convention is not None else layout
+    convention = content.get("label_convention", default)
+    reorder = list(spec.channel_reorder) if spec is not None and spec.channel_reorder is not None else None
     return {"layout": layout, "label_convention": convention, "channel_reorder": reorder}

@@ -45,7 +45,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from common.data.integrity import LAYOUTS, scan_layout
+from common.data.integrity import scan_layout
+from common.data.labels import get_label_convention
+from common.data.layouts import DatasetLayout, get_layout
 from common.data.synthetic.write import write_nifti
 from common.io import atomic_path
 
@@ -69,24 +71,34 @@ BENIGN_DEFECTS: tuple[str, ...] = ("smaller_than_roi", "non_ras", "anisotropic")
 #: Defects that make a case unusable.
 FATAL_DEFECTS: tuple[str, ...] = tuple(d for d in DEFECTS if d not in BENIGN_DEFECTS)
 
-# a label value outside each layout's convention
-_BAD_LABEL = {"brats2021": 3, "brats2023": 4, "msd_task01": 4, "mosmed": 2}
 _NEEDS_LABEL = ("bad_label_values",)
 _NON_RAS = (("L", "P", "S"), ("P", "L", "S"), ("A", "S", "R"))
-_MSD_T1GD = 2  # channel index of T1gd in the MSD order FLAIR, T1w, T1gd, T2w
+_ZEROED_CHANNEL = 2  # of a 4D image: T1gd in the MSD order FLAIR, T1w, T1gd, T2w
 _HTML = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
 
 
 def applicable_defects(layout: str) -> tuple[str, ...]:
     """The defects of :data:`DEFECTS` that exist in ``layout``.
 
-    ``missing_modality`` needs two image files (not ``mosmed``, whose study is its only image: without it there is
-    no case); ``bad_label_values`` needs labels (not ``adni_pairs``).
+    ``missing_modality`` needs a case that outlives its image file (not when the image is the case:
+    ``image_defines_case``, a MosMed study); ``bad_label_values`` needs labels (not ``adni_pairs``).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    excluded = {"mosmed": ("missing_modality",), "adni_pairs": ("bad_label_values",)}.get(layout, ())
+    spec = get_layout(layout)
+    excluded = {"missing_modality"} if spec.image_defines_case else set()
+    excluded |= set() if spec.has_labels else {"bad_label_values"}
     return tuple(d for d in DEFECTS if d not in excluded)
+
+
+def _bad_label_value(spec: DatasetLayout) -> int:
+    """The smallest label value outside the layout's convention (BraTS 2021: 3, BraTS 2023 and MSD: 4, binary: 2)."""
+    allowed = set(get_label_convention(spec.label_convention).values if spec.label_convention else (0, 1))
+    return min(set(range(max(allowed) + 2)) - allowed)
+
+
+def _needs_label(defect: str, images: list[str]) -> bool:
+    """Whether ``defect`` damages the label: ``bad_label_values``, and ``affine_mismatch`` for a case with one
+    image file (MSD, MosMed), whose label is then the file moved off the grid."""
+    return defect in _NEEDS_LABEL or (defect == "affine_mismatch" and len(images) == 1)
 
 
 def _paths(item: dict[str, Any], data_dir: str, key: str) -> list[str]:
@@ -94,19 +106,18 @@ def _paths(item: dict[str, Any], data_dir: str, key: str) -> list[str]:
     return [os.path.join(data_dir, *p.split("/")) for p in (value if isinstance(value, list) else [value])]
 
 
-def _case_files(layout: str, data_dir: str, item: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(images, labels) of a case; labels include MosMed's synthetic-only truth mask when it exists."""
-    images = _paths(item, data_dir, "mri") + _paths(item, data_dir, "pet") if layout == "adni_pairs" else []
-    images = images or _paths(item, data_dir, "image")
+def _case_files(spec: DatasetLayout, data_dir: str, item: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(images, labels) of a case; labels include the layout's synthetic-only truth (MosMed) when it exists."""
+    images = [path for key in spec.image_keys for path in _paths(item, data_dir, key)]
     labels = _paths(item, data_dir, "label")
-    truth = os.path.join(data_dir, "synthetic_truth", f"{item['case']}_mask.nii.gz")
-    if layout == "mosmed" and os.path.isfile(truth):
-        labels.append(truth)
+    if spec.synthetic_truth is not None:
+        truth = os.path.join(data_dir, *spec.synthetic_truth.format(case=item["case"]).split("/"))
+        labels += [truth] if os.path.isfile(truth) else []
     return images, labels
 
 
-def _find_case(layout: str, data_dir: str, case: str) -> dict[str, Any]:
-    items = scan_layout(layout, data_dir).items
+def _find_case(spec: DatasetLayout, data_dir: str, case: str) -> dict[str, Any]:
+    items = scan_layout(spec, data_dir).items
     for item in items:
         names = {item["case"]} | (
             {item["subject"], f"{item['subject']}/{item['case']}"} if "subject" in item else set()
@@ -114,23 +125,28 @@ def _find_case(layout: str, data_dir: str, case: str) -> dict[str, Any]:
         if case in names:
             return item
     found = sorted(item.get("subject", item["case"]) for item in items)
-    raise ValueError(f"case {case!r} not found complete in {data_dir} ({layout}); complete cases: {found}")
+    raise ValueError(f"case {case!r} not found complete in {data_dir} ({spec.name}); complete cases: {found}")
 
 
 def eligible_cases(layout: str, data_dir: str, defect: str) -> list[str]:
     """The cases of ``data_dir`` that :func:`plant_defect` accepts for ``defect`` (those with a label for
-    ``bad_label_values``, and for ``affine_mismatch`` in ``msd_task01``/``mosmed``, where the label is moved)."""
-    _check(layout, defect)
-    needs_label = defect in _NEEDS_LABEL or (defect == "affine_mismatch" and layout in ("msd_task01", "mosmed"))
-    items = scan_layout(layout, data_dir).items
-    return [it.get("subject", it["case"]) for it in items if "label" in it or not needs_label]
+    ``bad_label_values``, and for ``affine_mismatch`` when the case has one image file (MSD, MosMed), where the
+    label is moved)."""
+    spec = _check(layout, defect)
+    items = scan_layout(spec, data_dir).items
+    return [
+        it.get("subject", it["case"])
+        for it in items
+        if "label" in it or not _needs_label(defect, _case_files(spec, data_dir, it)[0])
+    ]
 
 
-def _check(layout: str, defect: str) -> None:
+def _check(layout: str, defect: str) -> DatasetLayout:
     if defect not in DEFECTS:
         raise ValueError(f"unknown defect {defect!r}; expected one of {', '.join(DEFECTS)}")
     if defect not in applicable_defects(layout):
         raise ValueError(f"defect {defect!r} does not apply to layout {layout!r}")
+    return get_layout(layout)
 
 
 def _load(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +196,7 @@ def plant_defect(
     """Damage one case of a synthetic dataset in place with ``defect`` (see the module docstring).
 
     Args:
-        layout: the dataset's layout, one of :data:`~common.data.integrity.LAYOUTS`.
+        layout: the dataset's layout (a registered name, see :func:`~common.data.layouts.layout_names`).
         data_dir: a folder written by ``write_synthetic_dataset(layout, data_dir, ...)``.
         case: a case id as ``write_synthetic_dataset`` returns them (BraTS case folder, MSD ``BRATS_XXX``, MosMed
             ``study_XXXX``, ADNI subject; an ADNI image id also works).
@@ -196,13 +212,13 @@ def plant_defect(
         ValueError: unknown or inapplicable defect, unknown case, or a case without the label the defect needs
             (:func:`eligible_cases` lists the cases that work).
     """
-    _check(layout, defect)
+    spec = _check(layout, defect)
     data_dir = os.fspath(data_dir)
-    item = _find_case(layout, data_dir, case)
-    images, labels = _case_files(layout, data_dir, item)
+    item = _find_case(spec, data_dir, case)
+    images, labels = _case_files(spec, data_dir, item)
     rng = np.random.default_rng(seed)
-    # the single file a one-file defect damages: a seed-chosen BraTS modality, else the last image (ADNI: the PET)
-    target = images[int(rng.integers(len(images)))] if layout in ("brats2021", "brats2023") else images[-1]
+    # the file a one-file defect damages: a seed-chosen modality file (BraTS), else the last image (ADNI: the PET)
+    target = images[int(rng.integers(len(images)))] if spec.image_files is not None else images[-1]
     if defect in BENIGN_DEFECTS:
         everything = [(p, False) for p in images] + [(p, True) for p in labels]
         if defect == "non_ras":
@@ -219,7 +235,7 @@ def plant_defect(
         for path, is_label in everything:
             _resample(path, new_shape, is_label)
         return [p for p, _ in everything]
-    if defect in _NEEDS_LABEL or (defect == "affine_mismatch" and layout in ("msd_task01", "mosmed")):
+    if _needs_label(defect, images):
         if "label" not in item:
             raise ValueError(f"case {case!r} has no label; {defect} needs one (eligible_cases lists those that do)")
         if defect == "affine_mismatch":
@@ -253,13 +269,13 @@ def plant_defect(
         target = _paths(item, data_dir, "label")[0]
         data, affine = _load(target)
         data = data.copy()
-        data[tuple(int(s) // 2 for s in data.shape[:3])] = _BAD_LABEL[layout]
+        data[tuple(int(s) // 2 for s in data.shape[:3])] = _bad_label_value(spec)
         write_nifti(target, data, affine)
     else:  # all_zero
         data, affine = _load(target)
         data = np.array(data)
         if data.ndim == 4:
-            data[..., _MSD_T1GD] = 0
+            data[..., _ZEROED_CHANNEL] = 0
         else:
             data[...] = 0
         write_nifti(target, data, affine)

@@ -1,5 +1,6 @@
 """Write synthetic phantoms in the real public dataset layouts, one file at a time through ``atomic_path``.
 
+Each layout (:mod:`common.data.layouts`) names its writer here; :func:`write_synthetic_dataset` looks it up.
 Layouts (folder structure, names and label values as in the real releases):
 
 - ``brats2021``: ``DIR/BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``, labels 0/1/2/4.
@@ -14,53 +15,47 @@ Layouts (folder structure, names and label values as in the real releases):
 Images are float32 (int16 HU for CT), labels uint8; every NIfTI has qform and sform (code 1) and reads with both
 nibabel and ITK. Case ``k`` is generated from ``numpy.random.default_rng([seed, k])``: a case does not depend on
 how many cases are written, and ``brats2021``/``brats2023``/``msd_task01`` with one seed hold the same phantoms.
+Every writer passes further keyword arguments (``generator_kwargs``) on to its phantom generator.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import pydoc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.data.synthetic.brain import check_shape, make_brain_case
+from common.data.labels import get_label_convention
+from common.data.layouts import LAYOUTS, get_layout, layout_names
+from common.data.layouts.brats import BratsNaming
+from common.data.synthetic.brain import EDEMA, ENHANCING, NECROTIC_CORE, check_shape, make_brain_case
 from common.data.synthetic.chest_ct import make_chest_ct_case
 from common.data.synthetic.mri_pet import make_mri_pet_case
 from common.io import atomic_path
 
 __all__ = [
-    "DEFAULT_SHAPES",
     "LAYOUTS",
     "check_synthetic_arguments",
     "mosmed_category_counts",
     "parse_shape",
+    "synthetic_writer",
     "write_adni_pairs",
-    "write_brats2021",
-    "write_brats2023",
+    "write_brats",
     "write_msd_task01",
     "write_mosmed",
     "write_nifti",
     "write_synthetic_dataset",
 ]
 
-LAYOUTS = ("brats2021", "brats2023", "msd_task01", "mosmed", "adni_pairs")
-#: default grid (x, y, z) per layout: the real BraTS/MSD size, a reduced MosMed size, DC2Fusion's 128^3.
-DEFAULT_SHAPES: dict[str, tuple[int, int, int]] = {
-    "brats2021": (240, 240, 155),
-    "brats2023": (240, 240, 155),
-    "msd_task01": (240, 240, 155),
-    "mosmed": (128, 128, 32),
-    "adni_pairs": (128, 128, 128),
-}
-
-#: BraTS 2021 labels (1 necrotic core, 2 edema, 4 enhancing) -> BraTS 2023 and MSD Task01 values.
-_TO_BRATS2023 = {0: 0, 1: 1, 2: 2, 4: 3}
-_TO_MSD = {0: 0, 1: 2, 2: 1, 4: 3}
+#: The phantom's array key of each standard brain modality (``make_brain_case`` uses the BraTS 2021 names).
+_PHANTOM_KEYS = {"t1c": "t1ce", "t1": "t1", "t2": "t2", "flair": "flair"}
+#: The phantom's arrays in the MSD Task01 channel order FLAIR, T1w, T1gd, T2w.
 _MSD_CHANNELS = ("flair", "t1", "t1ce", "t2")
-_BRATS2023_FILES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 
 
 def parse_shape(shape: str | Sequence[int] | None) -> tuple[int, int, int] | None:
@@ -79,13 +74,15 @@ def parse_shape(shape: str | Sequence[int] | None) -> tuple[int, int, int] | Non
 def check_synthetic_arguments(
     layout: str, output_dir: str | os.PathLike, num_cases: int, shape: str | Sequence[int] | None, seed: int
 ) -> tuple[int, int, int]:
-    """Validate the arguments of :func:`write_synthetic_dataset`; return the grid to use.
+    """Validate the arguments of :func:`write_synthetic_dataset`; return the grid to use (default: the layout's
+    ``synthetic_shape``).
 
     Raises:
-        ValueError: naming the bad argument (an unknown layout lists the valid ones).
+        ValueError: naming the bad argument (an unknown layout, or one without a writer, lists the valid ones).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    writable = [name for name in layout_names() if get_layout(name).synthetic_writer is not None]
+    if layout not in writable:
+        raise ValueError(f"layout must be one of {', '.join(writable)}; got {layout!r}")
     if not isinstance(output_dir, (str, os.PathLike)) or not os.fspath(output_dir):
         raise ValueError(f"output_dir must be a folder path, got {output_dir!r}")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -95,7 +92,7 @@ def check_synthetic_arguments(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     parsed = parse_shape(shape)
-    return DEFAULT_SHAPES[layout] if parsed is None else parsed
+    return get_layout(layout).synthetic_shape if parsed is None else parsed
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
@@ -113,48 +110,53 @@ def _progress(items: Iterable, total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(items, total=total, desc=desc, unit="case", disable=not progress, dynamic_ncols=True)
 
 
-def _relabel(seg: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+def _relabel(seg: np.ndarray, convention: str) -> np.ndarray:
+    """The phantom's BraTS 2021 label values (1 necrotic core, 2 edema, 4 enhancing) in ``convention``'s values."""
+    target = get_label_convention(convention)
     lut = np.zeros(256, dtype=np.uint8)
-    for old, new in mapping.items():
-        lut[old] = new
+    lut[[NECROTIC_CORE, EDEMA, ENHANCING]] = (target.core, target.edema, target.enhancing)
     return lut[seg]
 
 
 def _brain_cases(
-    layout: str, case_ids: Sequence[str], shape: tuple[int, int, int], seed: int, progress: bool, first: int = 0
+    desc: str, case_ids: Sequence[str], shape: tuple[int, int, int], seed: int, progress: bool, **generator_kwargs
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Brain phantoms ``make_brain_case(shape, default_rng([seed, index]))`` with a progress bar."""
-    bar = _progress(enumerate(case_ids, start=first), len(case_ids), layout, progress)
+    """Brain phantoms ``make_brain_case(shape, default_rng([seed, index]), **generator_kwargs)``, with a progress
+    bar (``desc``: the layout)."""
+    bar = _progress(enumerate(case_ids), len(case_ids), desc, progress)
     for index, case_id in bar:
         bar.set_postfix_str(case_id)
-        yield case_id, make_brain_case(shape, np.random.default_rng([seed, index]))
+        yield case_id, make_brain_case(shape, np.random.default_rng([seed, index]), **generator_kwargs)
 
 
-def write_brats2021(
-    output_dir: str, num_cases: int = 4, shape: Sequence[int] = (240, 240, 155), seed: int = 0, progress: bool = True
+def write_brats(
+    output_dir: str,
+    num_cases: int = 4,
+    shape: Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    naming: BratsNaming,
+    **generator_kwargs: Any,
 ) -> list[str]:
-    """BraTS 2021 layout: ``BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``, labels 0/1/2/4."""
-    case_ids = [f"BraTS2021_{i:05d}" for i in range(num_cases)]
-    for case_id, case in _brain_cases("brats2021", case_ids, check_shape(shape), seed, progress):
-        folder = os.path.join(output_dir, case_id)
-        for name in ("t1", "t1ce", "t2", "flair", "seg"):
-            write_nifti(os.path.join(folder, f"{case_id}_{name}.nii.gz"), case[name], case["affine"])
-    return case_ids
+    """A BraTS-style layout named by ``naming``: ``<case>/<case><sep>{<modality suffixes>,seg}.nii.gz``.
 
+    BraTS 2021: ``BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``, labels 0/1/2/4; BraTS 2023
+    (gliomas): ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``, labels 0/1/2/3. The
+    segmentation is written in ``naming.label_convention``.
 
-def write_brats2023(
-    output_dir: str, num_cases: int = 4, shape: Sequence[int] = (240, 240, 155), seed: int = 0, progress: bool = True
-) -> list[str]:
-    """BraTS 2023 glioma layout: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``.
-
-    Labels 0/1/2/3 (3 = enhancing tumour).
+    Returns:
+        the case ids, ``naming.synthetic_case`` of 0, 1, ...
     """
-    case_ids = [f"BraTS-GLI-{i:05d}-000" for i in range(num_cases)]
-    for case_id, case in _brain_cases("brats2023", case_ids, check_shape(shape), seed, progress):
+    case_ids = [naming.synthetic_case.format(i) for i in range(num_cases)]
+    cases = _brain_cases(naming.layout, case_ids, check_shape(shape), seed, progress, **generator_kwargs)
+    for case_id, case in cases:
         folder = os.path.join(output_dir, case_id)
-        for name, suffix in _BRATS2023_FILES.items():
-            write_nifti(os.path.join(folder, f"{case_id}-{suffix}.nii.gz"), case[name], case["affine"])
-        write_nifti(os.path.join(folder, f"{case_id}-seg.nii.gz"), _relabel(case["seg"], _TO_BRATS2023), case["affine"])
+        for modality, suffix in naming.suffixes.items():
+            path = os.path.join(folder, naming.file(case_id, suffix))
+            write_nifti(path, case[_PHANTOM_KEYS[modality]], case["affine"])
+        seg = _relabel(case["seg"], naming.label_convention)
+        write_nifti(os.path.join(folder, naming.file(case_id, "seg")), seg, case["affine"])
     return case_ids
 
 
@@ -165,6 +167,7 @@ def write_msd_task01(
     seed: int = 0,
     progress: bool = True,
     num_test: int | None = None,
+    **generator_kwargs: Any,
 ) -> list[str]:
     """Medical Segmentation Decathlon Task01_BrainTumour layout.
 
@@ -184,15 +187,14 @@ def write_msd_task01(
         raise ValueError(f"num_test must be >= 0, got {num_test}")
     train_ids = [f"BRATS_{i:03d}" for i in range(1, num_cases + 1)]
     test_ids = [f"BRATS_{i:03d}" for i in range(num_cases + 1, num_cases + num_test + 1)]
-    for index, (case_id, case) in enumerate(
-        _brain_cases("msd_task01", train_ids + test_ids, check_shape(shape), seed, progress)
-    ):
+    cases = _brain_cases("msd_task01", train_ids + test_ids, check_shape(shape), seed, progress, **generator_kwargs)
+    for index, (case_id, case) in enumerate(cases):
         image = np.stack([case[name] for name in _MSD_CHANNELS], axis=-1)
         is_training = index < num_cases
         folder = "imagesTr" if is_training else "imagesTs"
         write_nifti(os.path.join(output_dir, folder, f"{case_id}.nii.gz"), image, case["affine"])
         if is_training:
-            seg = _relabel(case["seg"], _TO_MSD)
+            seg = _relabel(case["seg"], "msd_task01")
             write_nifti(os.path.join(output_dir, "labelsTr", f"{case_id}.nii.gz"), seg, case["affine"])
     dataset = {
         "name": "BRATS",
@@ -236,6 +238,7 @@ def write_mosmed(
     progress: bool = True,
     category_counts: dict[int, int] | None = None,
     mask_fraction: float = 0.5,
+    **generator_kwargs: Any,
 ) -> list[str]:
     """MosMedData COVID19_1110 layout.
 
@@ -267,7 +270,7 @@ def write_mosmed(
     for number, category in bar:
         study_id = f"study_{number:04d}"
         bar.set_postfix_str(f"CT-{category}/{study_id}")
-        case = make_chest_ct_case(shape, np.random.default_rng([seed, number]), category)
+        case = make_chest_ct_case(shape, np.random.default_rng([seed, number]), category, **generator_kwargs)
         affine = case["affine"]
         write_nifti(os.path.join(output_dir, "studies", f"CT-{category}", f"{study_id}.nii.gz"), case["image"], affine)
         if category > 0:
@@ -298,7 +301,12 @@ def _adni_identifiers(seed: int, count: int) -> list[tuple[str, str]]:
 
 
 def write_adni_pairs(
-    output_dir: str, num_cases: int = 4, shape: Sequence[int] = (128, 128, 128), seed: int = 0, progress: bool = True
+    output_dir: str,
+    num_cases: int = 4,
+    shape: Sequence[int] = (128, 128, 128),
+    seed: int = 0,
+    progress: bool = True,
+    **generator_kwargs: Any,
 ) -> list[str]:
     """ADNI MRI-PET pairs in MNI152 space: ``<subject>/<image_id>_mri_MNI152.nii.gz`` and ``..._FDG_MNI152.nii.gz``.
 
@@ -316,7 +324,8 @@ def write_adni_pairs(
     for index, (subject, image_id) in bar:
         bar.set_postfix_str(subject)
         hypometabolic = (index + offset) % 3 == 0
-        case = make_mri_pet_case(shape, np.random.default_rng([seed, index]), hypometabolism=hypometabolic)
+        rng = np.random.default_rng([seed, index])
+        case = make_mri_pet_case(shape, rng, hypometabolism=hypometabolic, **generator_kwargs)
         folder = os.path.join(output_dir, subject)
         write_nifti(os.path.join(folder, f"{image_id}_mri_MNI152.nii.gz"), case["mri"], case["affine"])
         write_nifti(os.path.join(folder, f"{image_id}_FDG_MNI152.nii.gz"), case["pet"], case["affine"])
@@ -339,13 +348,19 @@ def write_adni_pairs(
     return [subject for subject, _ in identifiers]
 
 
-_WRITERS = {
-    "brats2021": write_brats2021,
-    "brats2023": write_brats2023,
-    "msd_task01": write_msd_task01,
-    "mosmed": write_mosmed,
-    "adni_pairs": write_adni_pairs,
-}
+def synthetic_writer(layout: str) -> Callable[..., list[str]]:
+    """The writer of ``layout`` (its ``synthetic_writer``, a function or a dotted name, resolved here).
+
+    Raises:
+        ValueError: unknown layout, a layout without a writer, or a dotted name naming nothing.
+    """
+    writer = get_layout(layout).synthetic_writer
+    if writer is None:
+        raise ValueError(f"layout {layout!r} has no synthetic data writer")
+    resolved = pydoc.locate(writer) if isinstance(writer, str) else writer
+    if not callable(resolved):
+        raise ValueError(f"layout {layout!r}: synthetic_writer {writer!r} is not a function")
+    return resolved
 
 
 def write_synthetic_dataset(
@@ -355,18 +370,21 @@ def write_synthetic_dataset(
     shape: Sequence[int] | str | None = None,
     seed: int = 0,
     progress: bool = True,
+    **generator_kwargs: Any,
 ) -> list[str]:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in a real public layout (see the module docstring).
 
     Args:
-        layout: one of :data:`LAYOUTS`.
+        layout: a layout with a synthetic writer (every built-in one, :data:`LAYOUTS`).
         output_dir: destination folder (created; existing files of the same names are replaced).
         num_cases: cases to write (``msd_task01`` adds ``max(1, num_cases // 4)`` test cases; ``mosmed`` splits
             them over CT-0..CT-4 with :func:`mosmed_category_counts`).
-        shape: grid (x, y, z), each >= 16, or a string ``"64,64,48"``; default :data:`DEFAULT_SHAPES`
+        shape: grid (x, y, z), each >= 16, or a string ``"64,64,48"``; default the layout's ``synthetic_shape``
             (240 x 240 x 155 for BraTS/MSD, 128 x 128 x 32 for MosMed, 128^3 for ADNI).
         seed: the dataset is a deterministic function of it.
         progress: show a tqdm bar with the current case.
+        generator_kwargs: passed on to the layout's writer and by it to the phantom generator (e.g. options of
+            ``make_brain_case``), after the layout's own ``synthetic_options``.
 
     Returns:
         the case ids (BraTS case folders, MSD ``BRATS_XXX`` training then test, MosMed ``study_XXXX``, ADNI
@@ -376,4 +394,5 @@ def write_synthetic_dataset(
         ValueError: on a bad argument, naming it.
     """
     grid = check_synthetic_arguments(layout, output_dir, num_cases, shape, seed)
-    return _WRITERS[layout](os.fspath(output_dir), int(num_cases), grid, int(seed), progress)
+    options = {**get_layout(layout).synthetic_options, **generator_kwargs}
+    return synthetic_writer(layout)(os.fspath(output_dir), int(num_cases), grid, int(seed), progress, **options)
