@@ -1,9 +1,9 @@
 """Ignite handler that evaluates an image fusion network against classical baselines, case by case.
 
 MONAI's :class:`~monai.handlers.MetricsSaver` writes the metrics of one prediction per case; fusion is judged by
-comparing methods on the same cases (the network, and average / maximum / Laplacian-pyramid fusion of the same
-sources), with metrics computed in numpy (FSIM, Qabf, MI, ...) that are no MONAI metrics. :class:`FusionMetricsSaver`
-therefore scores every method on every case with :class:`~common.metrics.fusion.FusionScorer` and writes one CSV
+comparing methods on the same cases (the network, and the classical fusions of
+:mod:`common.networks.fusion_baselines` of the same sources), with metrics computed in numpy (FSIM, Qabf, MI, ...)
+that are no MONAI metrics. :class:`FusionMetricsSaver` therefore scores every method on every case with :class:`~common.metrics.fusion.FusionScorer` and writes one CSV
 table (a row per case, method and protocol) and a ``summary.json`` with means and the ranking, both atomically.
 """
 
@@ -22,7 +22,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from common.io import atomic_path
-from common.metrics.fusion import BASELINES, RANKING_METRICS, FusionScorer, rank_methods
+from common.metrics.fusion import RANKING_METRICS, FusionScorer, rank_methods
+from common.networks.fusion_baselines import BASELINES
 
 __all__ = ["PROTOCOLS", "FusionMetricsSaver", "summarize_rows"]
 
@@ -97,7 +98,7 @@ class FusionMetricsSaver:
         sources_key: key of the stacked sources, MRI first (default ``"label"``, where the bundle's transforms put
             them for the unsupervised loss).
         case_key: key of the case id in the batch (default ``"case"``).
-        baselines: names in :data:`~common.metrics.fusion.BASELINES` (default all three).
+        baselines: names in :data:`~common.networks.fusion_baselines.BASELINES` (default all).
         protocols: subset of :data:`PROTOCOLS` (default both).
         slice_axis: axis of the slice protocol and of the slice-wise Qabf/FSIM (default -1, axial in RAS).
         slice_index: slice of the slice protocol (default None: the middle one, 64 of 128).
