@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,16 +42,22 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def summarize_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, dict[str, dict]]:
-    """Per protocol and method, the mean of every metric over the cases (NaN values skipped).
+def summarize_rows(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str] | None = None,
+    reduce: Callable[[np.ndarray], float] = np.mean,
+) -> dict[str, dict[str, dict]]:
+    """Per protocol and method, the mean (or ``reduce``) of every metric over the cases (NaN values skipped).
 
     Args:
         rows: dicts with ``method``, ``protocol`` and metric values (other keys are ignored if ``metrics`` is
             given; otherwise every numeric key except ``case`` is a metric).
         metrics: metric names to average (default: the numeric keys of the first row).
+        reduce: ``reduce(values) -> float`` over one metric's non-NaN values (default the mean; e.g. a standard
+            deviation).
 
     Returns:
-        ``{protocol: {method: {metric: mean}}}``; a mean over infinite values is ``inf``.
+        ``{protocol: {method: {metric: mean}}}``; a mean over infinite values is ``inf``; NaN where every value is.
     """
     if not rows:
         return {}
@@ -68,7 +74,7 @@ def summarize_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str] | None
             for m, v in values.items():
                 arr = np.asarray(v, dtype=np.float64)
                 arr = arr[~np.isnan(arr)]
-                means[m] = float(arr.mean()) if arr.size else math.nan
+                means[m] = float(reduce(arr)) if arr.size else math.nan
             methods[name] = means
     return out
 
