@@ -4,7 +4,7 @@ One run: synthetic ADNI-layout MRI-PET pairs (:func:`common.data.synthetic.write
 split by subject into training and held-out test pairs. For each seed, the bundle's own trainer
 (``configs/train.json``: network, loss, Adam, transforms, data loader) trains DC2Fusion for ``steps`` optimiser steps
 through :func:`common.benchmarks.budget.train_with_budget`, with the bundle's poly decay stepped per iteration over
-the step budget (``lr_epoch_level`` false, ``lr_scheduler#total_iters = steps``: ``lr_k = lr (1 - k / steps)^0.9``).
+the step budget (:func:`step_budget_overrides`: ``lr_k = lr (1 - k / steps)^0.9``).
 Every held-out pair is then fused by the network, by the classical baselines of
 :mod:`common.networks.fusion_baselines` (average, maximum, Laplacian pyramid, guided filter), by two non-fusions
 (a plain copy of the MRI, the sanity row, and of the PET), and by the *loss optimum*: the fused volume itself
@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "COPIES",
     "HEADS",
     "LOSS_OPTIMUM",
+    "LR_HANDLER",
     "TARGETS",
     "format_report",
     "judge_targets",
@@ -78,6 +80,8 @@ TARGETS = (
     ("mi", "beats", TARGET_BASELINES, 0.0),
     ("psnr_min", "within", ("average",), 1.0),
 )
+#: config id of the bundle's ``LrScheduleHandler``, the one training handler the benchmark keeps
+LR_HANDLER = "train#handlers#0"
 #: fusion-head variants of the network (``network_def`` overrides); ``paper`` is the bundle's default
 HEADS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -122,14 +126,14 @@ def step_budget_overrides(steps: int, learning_rate: float) -> dict[str, Any]:
     """Bundle overrides that run the poly decay per iteration over a budget of ``steps`` optimiser steps.
 
     ``lr_k = learning_rate * (1 - k / steps)^lr_power`` after ``k`` steps (``PolynomialLR`` with ``total_iters =
-    steps``, stepped by the bundle's ``train#lr_handler`` at every iteration instead of every epoch), so the
-    schedule ends at 0 exactly when the budget is spent, whatever the number of training subjects.
+    steps``, stepped by the bundle's ``LrScheduleHandler`` (:data:`LR_HANDLER`) at every iteration instead of every
+    epoch), so the schedule ends at 0 exactly when the budget is spent, whatever the number of training subjects.
     """
     return {
         "learning_rate": learning_rate,
         "lr_epoch_level": False,
         "lr_scheduler#total_iters": int(steps),
-        "train#lr_handler#print_lr": False,
+        LR_HANDLER + "#print_lr": False,
     }
 
 
@@ -272,11 +276,14 @@ def run_benchmark(
     os.makedirs(runs_dir, exist_ok=True)
 
     start = time.perf_counter()
-    if not os.path.isfile(os.path.join(data_dir, ".complete")):
+    if not os.path.isdir(data_dir):  # written aside and renamed, so seeds started in parallel never see half of it
         say(f"writing {num_cases} synthetic MRI-PET pairs of {shape} to {data_dir}")
-        write_synthetic_dataset("adni_pairs", data_dir, num_cases=num_cases, shape=shape, seed=data_seed, progress=False)
-        with open(os.path.join(data_dir, ".complete"), "w") as f:
-            f.write("complete\n")
+        partial = f"{data_dir}.partial-{os.getpid()}"
+        write_synthetic_dataset("adni_pairs", partial, num_cases=num_cases, shape=shape, seed=data_seed, progress=False)
+        try:
+            os.rename(partial, data_dir)
+        except OSError:  # another process renamed its identical copy first
+            shutil.rmtree(partial)
     datalist = data_dir + "_datalist.json"
     save_datalist(
         build_datalist(
@@ -303,13 +310,14 @@ def run_benchmark(
     sources = {case: (image[0].double().numpy(), image[1].double().numpy()) for case, image in cases}
     scorers = {
         case: {
-            p: FusionScorer(m, pt, slice_index=None if p == "volume" else m.shape[-1] // 2, axis=-1)
-            for p in protocols
+            p: FusionScorer(m, pt, slice_index=None if p == "volume" else m.shape[-1] // 2, axis=-1) for p in protocols
         }
         for case, (m, pt) in sources.items()
     }
     first = protocols[0]
-    say(f"{num_train} training / {len(cases)} test pairs, input {roi}^3; data ready in {time.perf_counter() - start:.0f} s")
+    say(
+        f"{num_train} training / {len(cases)} test pairs, input {roi}^3; data ready in {time.perf_counter() - start:.0f} s"
+    )
 
     def train_run(model: str, head: str, seed: int) -> dict[str, Any]:
         overrides = {**base, **HEADS[head], "seed": seed, **step_budget_overrides(steps, learning_rate)}
@@ -335,7 +343,7 @@ def run_benchmark(
             max_steps=steps,
             checkpoint_steps=checkpoint_steps,
             evaluate=evaluate,
-            keep_handlers=["train#lr_handler"],
+            keep_handlers=[LR_HANDLER],
             progress=say,
         )
         net = run_parser.get_parsed_content("network")
@@ -396,7 +404,9 @@ def run_benchmark(
 
     rows = [r for run in runs.values() for r in run["rows"]] + reference["rows"] + optimum["rows"]
     stats = _mean_sd(rows)
-    means = {p: {m: {k: v[0] for k, v in values.items()} for m, values in methods.items()} for p, methods in stats.items()}
+    means = {
+        p: {m: {k: v[0] for k, v in values.items()} for m, values in methods.items()} for p, methods in stats.items()
+    }
     model_rows = list(runs)
     results = {
         "synthetic": True,
@@ -417,7 +427,9 @@ def run_benchmark(
         "targets_protocol": first,
         "stats": stats,
         "winners": {
-            p: _winners(m, ("ssim", "qabf", "mi", "psnr_min", "psnr", "nmi", "fsim", "entropy"), (*COPIES, LOSS_OPTIMUM))
+            p: _winners(
+                m, ("ssim", "qabf", "mi", "psnr_min", "psnr", "nmi", "fsim", "entropy"), (*COPIES, LOSS_OPTIMUM)
+            )
             for p, m in means.items()
         },
         "targets": {p: judge_targets(m, model_rows) for p, m in means.items()},
@@ -476,9 +488,12 @@ def format_report(results: dict[str, Any]) -> str:
             cells = " | ".join(f"{_fmt(values[c][0])} +- {_fmt(values[c][1])}" for c in _COLUMNS)
             lines.append(f"| {method} | {cells} |")
         winners = results["winners"][protocol]
-        lines += ["", "Winner per metric (copies and the loss optimum excluded): " + ", ".join(
-            f"{metric} {method}" for metric, method in winners.items()
-        ) + "."]
+        lines += [
+            "",
+            "Winner per metric (copies and the loss optimum excluded): "
+            + ", ".join(f"{metric} {method}" for metric, method in winners.items())
+            + ".",
+        ]
         lines += ["", "| target | threshold | " + " | ".join(results["training"]) + " | met |"]
         lines.append("| --- | ---: | " + "---: | " * len(results["training"]) + "--- |")
         for t in results["targets"][protocol]:

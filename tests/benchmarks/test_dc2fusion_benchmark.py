@@ -62,7 +62,7 @@ def test_every_method_is_scored_per_held_out_pair_with_mean_and_sd(results):
 
 def test_each_seed_trains_the_step_budget_through_the_bundle_trainer_and_the_schedule_ends_at_zero(results):
     work_dir, out = results
-    for name, run in out["training"].items():
+    for run in out["training"].values():
         assert run["steps"] == 3 and run["stopped_by"] == "steps" and run["budget"]["max_steps"] == 3
         assert [c["steps"] for c in run["checkpoints"]] == [1, 3]  # the learning curve mark, then the end
         assert set(run["checkpoints"][0]["metrics"]) == {"ssim", "qabf", "mi", "psnr_min"}
@@ -110,6 +110,7 @@ def test_step_budget_overrides_decay_the_bundle_learning_rate_per_step(tmp_path)
         **bench.step_budget_overrides(steps=4, learning_rate=0.01),
     }
     parser = bundle_train_parser(bench.BUNDLE, data_dir, datalist, overrides)
+    assert parser[bench.LR_HANDLER]["_target_"] == "LrScheduleHandler"  # the handler the benchmark keeps
     rates = []
 
     def learning_rate(p, trainer):
@@ -123,7 +124,7 @@ def test_step_budget_overrides_decay_the_bundle_learning_rate_per_step(tmp_path)
         max_steps=4,
         checkpoint_steps=(1, 2, 3),
         evaluate=learning_rate,
-        keep_handlers=["train#lr_handler"],
+        keep_handlers=[bench.LR_HANDLER],
         progress=None,
     )
     # two training subjects: an epoch-level schedule would still be at 0.01 after step 1 and change every 2 steps
