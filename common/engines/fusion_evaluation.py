@@ -1,9 +1,9 @@
 """Ignite handler that evaluates an image fusion network against classical baselines, case by case.
 
 MONAI's :class:`~monai.handlers.MetricsSaver` writes the metrics of one prediction per case; fusion is judged by
-comparing methods on the same cases (the network, and average / maximum / Laplacian-pyramid fusion of the same
-sources), with metrics computed in numpy (FSIM, Qabf, MI, ...) that are no MONAI metrics. :class:`FusionMetricsSaver`
-therefore scores every method on every case with :class:`~common.metrics.fusion.FusionScorer` and writes one CSV
+comparing methods on the same cases (the network, and the classical fusions of
+:mod:`common.networks.fusion_baselines` of the same sources), with metrics computed in numpy (FSIM, Qabf, MI, ...)
+that are no MONAI metrics. :class:`FusionMetricsSaver` therefore scores every method on every case with :class:`~common.metrics.fusion.FusionScorer` and writes one CSV
 table (a row per case, method and protocol) and a ``summary.json`` with means and the ranking, both atomically.
 """
 
@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from common.io import atomic_path
-from common.metrics.fusion import BASELINES, RANKING_METRICS, FusionScorer, rank_methods
+from common.metrics.fusion import RANKING_METRICS, FusionScorer, rank_methods
+from common.networks.fusion_baselines import BASELINES
 
 __all__ = ["PROTOCOLS", "FusionMetricsSaver", "summarize_rows"]
 
@@ -41,16 +42,22 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def summarize_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, dict[str, dict]]:
-    """Per protocol and method, the mean of every metric over the cases (NaN values skipped).
+def summarize_rows(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str] | None = None,
+    reduce: Callable[[np.ndarray], float] = np.mean,
+) -> dict[str, dict[str, dict]]:
+    """Per protocol and method, the mean (or ``reduce``) of every metric over the cases (NaN values skipped).
 
     Args:
         rows: dicts with ``method``, ``protocol`` and metric values (other keys are ignored if ``metrics`` is
             given; otherwise every numeric key except ``case`` is a metric).
         metrics: metric names to average (default: the numeric keys of the first row).
+        reduce: ``reduce(values) -> float`` over one metric's non-NaN values (default the mean; e.g. a standard
+            deviation).
 
     Returns:
-        ``{protocol: {method: {metric: mean}}}``; a mean over infinite values is ``inf``.
+        ``{protocol: {method: {metric: mean}}}``; a mean over infinite values is ``inf``; NaN where every value is.
     """
     if not rows:
         return {}
@@ -67,7 +74,7 @@ def summarize_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str] | None
             for m, v in values.items():
                 arr = np.asarray(v, dtype=np.float64)
                 arr = arr[~np.isnan(arr)]
-                means[m] = float(arr.mean()) if arr.size else math.nan
+                means[m] = float(reduce(arr)) if arr.size else math.nan
             methods[name] = means
     return out
 
@@ -97,7 +104,7 @@ class FusionMetricsSaver:
         sources_key: key of the stacked sources, MRI first (default ``"label"``, where the bundle's transforms put
             them for the unsupervised loss).
         case_key: key of the case id in the batch (default ``"case"``).
-        baselines: names in :data:`~common.metrics.fusion.BASELINES` (default all three).
+        baselines: names in :data:`~common.networks.fusion_baselines.BASELINES` (default all).
         protocols: subset of :data:`PROTOCOLS` (default both).
         slice_axis: axis of the slice protocol and of the slice-wise Qabf/FSIM (default -1, axial in RAS).
         slice_index: slice of the slice protocol (default None: the middle one, 64 of 128).

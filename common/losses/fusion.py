@@ -2,8 +2,17 @@
 
 The fused volume ``F`` is pulled towards both sources by local correlation, structure and intensity::
 
-    L = a1 LNCC(F, MRI) + a2 LNCC(F, PET) + b1 (1 - SSIM(F, MRI)) + b2 (1 - SSIM(F, PET))
-        + g1 |F - MRI|_1 + g2 |F - PET|_1,      a1 = b1 = g1 = 2, a2 = b2 = g2 = 1.
+    L = a1 LNCC(F, MRI) + a2 LNCC(F, PET)                  structure: local normalised cross-correlation
+        + b1 (1 - SSIM(F, MRI)) + b2 (1 - SSIM(F, PET))    structure: SSIM
+        + g1 |F - MRI|_1 + g2 |F - PET|_1                  intensity: mean absolute error
+    a1 = b1 = g1 = 2,  a2 = b2 = g2 = 1.
+
+Where this is in the paper: the loss function of the paper's method section (the structure-level LNCC and SSIM
+terms and the pixel-level L1 terms of the fused image against each source, with the six weights above). Its
+equation number is not given here because it could not be checked: the copies of the paper this project can read
+hold only its abstract, and a number is not to be guessed. The terms and weights are those of the collection's
+method notes (``METHODS.md`` section 4), and the same six terms with the weights 2/1/2/1/2/1 are what the authors'
+training command (``--alpha1 2 --alpha2 1 --beta1 2 --beta2 1 --gamma1 2 --gamma2 1``) sets.
 
 Built from MONAI's :class:`~monai.losses.LocalNormalizedCrossCorrelationLoss` and MONAI's SSIM formula
 (:class:`~monai.losses.SSIMLoss`, or the equal but separable :class:`SeparableSSIMLoss`).

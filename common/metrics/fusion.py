@@ -1,4 +1,4 @@
-"""Image fusion quality metrics and classical fusion baselines, for 2D slices and 3D volumes.
+"""Image fusion quality metrics, for 2D slices and 3D volumes.
 
 Metrics compare a fused image ``F`` with its sources (MRI and PET): PSNR, SSIM, normalised mutual information
 (NMI), mutual information (MI), entropy (EN), the Xydeas-Petrovic edge preservation index Q^{AB/F} (Qabf) and
@@ -11,7 +11,8 @@ once. :func:`rank_methods` ranks methods by the summary of :data:`RANKING_METRIC
 sources, Qabf, and the lower of the two PSNRs): averaged PSNR rewards copying one source (its PSNR against that
 source is infinite), the lower PSNR does not.
 
-Baselines (:data:`BASELINES`): :func:`average_fusion`, :func:`maximum_fusion`, :func:`laplacian_pyramid_fusion`.
+The classical fusion baselines the metrics are compared on are methods, not metrics: see
+:mod:`common.networks.fusion_baselines`.
 
 Inputs are numpy arrays or torch tensors of one image, ``(H, W)`` or ``(D, H, W)``; leading singleton axes
 (batch, channel) are dropped. Intensities are expected in ``[0, data_range]`` (DC2Fusion scales to [0, 1]).
@@ -22,7 +23,7 @@ the last axis: ``axis=-1`` (the default) everywhere below.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from scipy import ndimage
 from common.metrics.ssim import separable_ssim_map
 
 __all__ = [
-    "BASELINES",
     "PAPER_SLICE_INDEX",
     "RANKING_METRICS",
     "FusionScorer",
@@ -46,9 +46,6 @@ __all__ = [
     "phase_congruency",
     "fsim",
     "fusion_metrics",
-    "average_fusion",
-    "maximum_fusion",
-    "laplacian_pyramid_fusion",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -558,100 +555,3 @@ def rank_methods(
     for r in ranks.values():
         r["position"] = float(1 + sum(1 for other in ranks.values() if other["mean_rank"] < r["mean_rank"]))
     return dict(sorted(ranks.items(), key=lambda item: item[1]["mean_rank"]))
-
-
-def _like(result: np.ndarray, template: ArrayLike) -> ArrayLike:
-    if isinstance(template, torch.Tensor):
-        return torch.as_tensor(result, dtype=template.dtype, device=template.device)
-    return result
-
-
-def _check_sources(mri: ArrayLike, pet: ArrayLike) -> None:
-    if tuple(mri.shape) != tuple(pet.shape):
-        raise ValueError(f"mri and pet must have the same shape, got {tuple(mri.shape)} and {tuple(pet.shape)}.")
-    if isinstance(mri, torch.Tensor) != isinstance(pet, torch.Tensor):
-        raise ValueError("mri and pet must both be numpy arrays or both torch tensors.")
-
-
-def average_fusion(mri: ArrayLike, pet: ArrayLike) -> ArrayLike:
-    """Voxel-wise mean ``(MRI + PET) / 2``; any shape, numpy or torch (returned as given)."""
-    _check_sources(mri, pet)
-    return (mri + pet) / 2
-
-
-def maximum_fusion(mri: ArrayLike, pet: ArrayLike) -> ArrayLike:
-    """Voxel-wise maximum ``max(MRI, PET)``; any shape, numpy or torch (returned as given)."""
-    _check_sources(mri, pet)
-    return torch.maximum(mri, pet) if isinstance(mri, torch.Tensor) else np.maximum(mri, pet)
-
-
-def _downsample(x: np.ndarray, sigma: float) -> np.ndarray:
-    return ndimage.gaussian_filter(x, sigma, mode="nearest")[tuple(slice(None, None, 2) for _ in range(x.ndim))]
-
-
-def _upsample(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Linear interpolation back to ``shape``: fine index ``j`` reads coarse position ``j / 2`` on every axis."""
-    for axis, size in enumerate(shape):
-        position = np.arange(size) / 2.0
-        low = np.minimum(np.floor(position).astype(int), x.shape[axis] - 1)
-        high = np.minimum(low + 1, x.shape[axis] - 1)
-        weight = (position - low).reshape([-1 if i == axis else 1 for i in range(x.ndim)])
-        x = np.take(x, low, axis=axis) * (1 - weight) + np.take(x, high, axis=axis) * weight
-    return x
-
-
-def _laplacian_pyramid(x: np.ndarray, levels: int, sigma: float) -> list[np.ndarray]:
-    pyramid = []
-    for _ in range(levels):
-        coarse = _downsample(x, sigma)
-        pyramid.append(x - _upsample(coarse, x.shape))
-        x = coarse
-    pyramid.append(x)  # the low-pass base
-    return pyramid
-
-
-def laplacian_pyramid_fusion(mri: ArrayLike, pet: ArrayLike, levels: int = 4, sigma: float = 1.0) -> ArrayLike:
-    """Laplacian pyramid fusion (Burt & Adelson 1985): choose-max-abs detail coefficients, averaged base.
-
-    Works in the image's own dimension: the last ``min(ndim, 3)`` axes are spatial (so 3D volumes get a 3D
-    pyramid, not slice-wise processing) and leading axes (batch, channel) are fused one by one. Each level
-    blurs with a Gaussian (``sigma`` voxels) and keeps every second voxel; the expansion is linear
-    interpolation, and reconstruction inverts the decomposition exactly, so fusing an image with itself returns
-    it. numpy or torch in, the same out.
-
-    Args:
-        mri, pet: same shape, e.g. ``(D, H, W)`` or ``(B, 1, D, H, W)``.
-        levels: detail levels (default 4).
-        sigma: Gaussian blur before each down-sampling, in voxels (default 1.0).
-    """
-    _check_sources(mri, pet)
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}.")
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}.")
-    a = mri.detach().cpu().numpy() if isinstance(mri, torch.Tensor) else np.asarray(mri)
-    b = pet.detach().cpu().numpy() if isinstance(pet, torch.Tensor) else np.asarray(pet)
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    spatial = min(a.ndim, 3)
-    if spatial < 1:
-        raise ValueError("laplacian_pyramid_fusion needs at least one spatial axis.")
-    lead = a.shape[: a.ndim - spatial]
-    flat_a = a.reshape((-1, *a.shape[a.ndim - spatial :]))
-    flat_b = b.reshape(flat_a.shape)
-    fused = np.empty_like(flat_a)
-    for i in range(flat_a.shape[0]):
-        pa = _laplacian_pyramid(flat_a[i], levels, sigma)
-        pb = _laplacian_pyramid(flat_b[i], levels, sigma)
-        out = 0.5 * (pa[-1] + pb[-1])
-        for da, db in zip(reversed(pa[:-1]), reversed(pb[:-1])):
-            out = _upsample(out, da.shape) + np.where(np.abs(da) >= np.abs(db), da, db)
-        fused[i] = out
-    return _like(fused.reshape((*lead, *fused.shape[1:])), mri)
-
-
-#: the classical fusion baselines by name: ``fn(mri, pet) -> fused`` (numpy or torch in, the same out)
-BASELINES: dict[str, Callable[[ArrayLike, ArrayLike], ArrayLike]] = {
-    "average": average_fusion,
-    "maximum": maximum_fusion,
-    "laplacian_pyramid": laplacian_pyramid_fusion,
-}

@@ -25,18 +25,17 @@ OUTPUT_ACTIVATIONS = (None, "abs", "sigmoid")
 
 
 def l1_weighted_fusion(
-    f1: torch.Tensor, f2: torch.Tensor, eps: float = 1e-6, normalize: bool = True
+    f1: torch.Tensor, f2: torch.Tensor, eps: float = 1e-6, normalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L1-norm weighted fusion of two feature maps: ``(B, C, *S) x 2 -> (B, C, *S), (B, 2, *S)``.
 
-    ``F = w_1 f_1 + w_2 f_2`` with, per voxel, ``n_i = ||f_i||_1`` (sum of absolute values over channels) and
-    ``w_i = (n_i + eps) / ((n_1 + eps) + (n_2 + eps))``. The weights are positive and sum to 1 at every voxel;
-    ``eps`` only matters where both maps vanish (there ``w_1 = w_2 = 1/2``), and equal maps get exactly equal
-    weights, so ``f_1 == f_2`` gives ``F == f_1``.
+    The paper's fusion rule (``normalize=False``, the default): ``F = ||f_1||_1 f_1 + ||f_2||_1 f_2``, the weight of
+    each map being, per voxel, its L1 norm over channels ``n_i = sum_c |f_i,c|``. With one channel per map this is
+    ``F = |f_1| f_1 + |f_2| f_2``, and equal maps give ``F = 2 |f| f``.
 
-    The paper writes the unnormalised ``F = n_1 f_1 + n_2 f_2`` (``normalize=False``, weights ``w_i = n_i``),
-    which is quadratic in the features and changes their scale; the normalised form (default) keeps ``F`` on the
-    scale of the ``f_i``, so the following 1x1x1 projection sees inputs of a stable range.
+    ``normalize=True`` (an option, not the paper) divides the weights by their sum, ``w_i = (n_i + eps) / ((n_1 +
+    eps) + (n_2 + eps))``: they are positive and sum to 1 at every voxel, equal maps get exactly equal weights (so
+    ``f_1 == f_2`` gives ``F == f_1``), and ``eps`` only matters where both maps vanish (``w_1 = w_2 = 1/2``).
 
     Returns:
         the fused map and the weights ``cat(w_1, w_2)`` along the channel axis.
@@ -112,16 +111,19 @@ class DC2Fusion(nn.Module):
     stride 2) with concatenation of the stream's own skip features and a residual conv block (MONAI's
     ``UnetrUpBlock``), back to the patch grid with ``embed_dim`` channels.
 
-    Head: the two decoded streams are concatenated, a ConvTranspose3d (kernel = stride = ``patch_size``) returns
-    to full resolution with ``2 * head_channels`` channels, split into ``f1`` and ``f2``; their L1-norm weighted
-    combination (:func:`l1_weighted_fusion`) is projected to ``out_channels`` by a 1x1x1 convolution. The paper's
-    output has no activation (``output_activation=None``, the default).
+    Head (the paper's): the two decoded streams are concatenated, a ConvTranspose3d (kernel = stride =
+    ``patch_size``) returns to full resolution with ``2 * head_channels`` channels, split into ``f1`` and ``f2``, and
+    the output is their L1-norm weighted combination ``F = ||f1||_1 f1 + ||f2||_1 f2`` (:func:`l1_weighted_fusion`),
+    with no activation; ``head_channels`` is then ``out_channels`` (one channel each: ``F = |f1| f1 + |f2| f2``).
 
-    Output activation: the DC2Fusion loss cannot tell a fused image from its negative except through its L1 terms
-    (MONAI's LNCC is squared, and SSIM(-x, x) is close to 1 where luminance and structure both flip sign), and
-    short runs can settle on the negative. ``"abs"`` returns ``|F|``, which maps that basin onto the positive
-    solution, keeps exact zeros reachable and never saturates; ``"sigmoid"`` bounds ``F`` to (0, 1) but cannot reach
-    the zero background the SSIM windows are sensitive to.
+    Head options, all off by default (deviations from the paper; the model card reports when they help):
+    ``normalize_fusion_weights`` divides the two weights by their sum (``F`` stays on the scale of the ``f_i``);
+    ``fusion_projection`` adds a 1x1x1 convolution from ``head_channels`` fused channels to ``out_channels`` (so
+    ``f1`` and ``f2`` may be wider than the output); ``output_activation`` ``"abs"`` returns ``|F|`` and
+    ``"sigmoid"`` bounds ``F`` to (0, 1). The DC2Fusion loss cannot tell a fused image from its negative except
+    through its L1 terms (MONAI's LNCC is squared, and SSIM(-x, x) is close to 1 where luminance and structure both
+    flip sign), so short runs can settle on the negative; ``"abs"`` maps that basin onto the positive solution and
+    keeps exact zeros reachable, ``"sigmoid"`` cannot reach the zero background the SSIM windows are sensitive to.
 
     Each encoder stage is a :class:`DualStreamEncoderStage`: stage 0 embeds patches, stage ``i > 0`` merges
     them, and its blocks update the two streams in turn.
@@ -146,7 +148,8 @@ class DC2Fusion(nn.Module):
         conv_kernel_size: kernel edge of the DCFB convolution branch (default 7).
         conv_norm: norm of the DCFB convolution branch, MONAI name (default ``"batch"``).
         decoder_norm: norm of the decoder conv blocks, MONAI name (default ``"instance"``).
-        head_channels: channels of each of ``f1`` and ``f2`` (default 16).
+        head_channels: channels of each of ``f1`` and ``f2`` (default None: ``out_channels``, the paper's head); a
+            different value needs ``fusion_projection``.
         interaction_reduction: bottleneck ratio of the DCFB channel/spatial gates (default 4).
         qkv_bias: bias in the attention projections (default True).
         use_rel_pos_bias: Swin relative position bias in the window attention (default True).
@@ -154,8 +157,9 @@ class DC2Fusion(nn.Module):
         attn_drop_rate: dropout on the attention weights (default 0).
         drop_path_rate: stochastic depth, increasing linearly over all blocks up to this value (default 0).
         fusion_eps: ``eps`` of :func:`l1_weighted_fusion` (default 1e-6).
-        normalize_fusion_weights: normalise the L1-norm weights to sum to 1 (default True); False is the
-            paper's literal ``F = |f1|_1 f1 + |f2|_1 f2``.
+        normalize_fusion_weights: normalise the L1-norm weights to sum to 1 (default False: the paper's
+            ``F = ||f1||_1 f1 + ||f2||_1 f2``).
+        fusion_projection: a 1x1x1 convolution from the fused ``head_channels`` to ``out_channels`` (default False).
         output_activation: ``None`` (default, the paper), ``"abs"`` or ``"sigmoid"``, applied to the fused output.
         padding_mode: ``grid_sample`` padding of the deformable sampling (default ``"border"``).
 
@@ -180,7 +184,7 @@ class DC2Fusion(nn.Module):
         conv_kernel_size: int = 7,
         conv_norm: str | tuple = "batch",
         decoder_norm: str | tuple = "instance",
-        head_channels: int = 16,
+        head_channels: int | None = None,
         interaction_reduction: int = 4,
         qkv_bias: bool = True,
         use_rel_pos_bias: bool = True,
@@ -188,12 +192,14 @@ class DC2Fusion(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         fusion_eps: float = 1e-6,
-        normalize_fusion_weights: bool = True,
+        normalize_fusion_weights: bool = False,
+        fusion_projection: bool = False,
         output_activation: str | None = None,
         padding_mode: str = "border",
     ) -> None:
         super().__init__()
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
+        head_channels = out_channels if head_channels is None else head_channels
         for name, value in (
             ("in_channels", in_channels),
             ("out_channels", out_channels),
@@ -216,6 +222,11 @@ class DC2Fusion(nn.Module):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
         if fusion_eps <= 0:
             raise ValueError(f"fusion_eps must be positive, got {fusion_eps}.")
+        if head_channels != out_channels and not fusion_projection:
+            raise ValueError(
+                f"head_channels ({head_channels}) must equal out_channels ({out_channels}) in the paper's head; set "
+                "fusion_projection=True for a 1x1x1 convolution from head_channels to out_channels."
+            )
         if output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}.")
 
@@ -270,7 +281,7 @@ class DC2Fusion(nn.Module):
             for i in range(len(depths) - 1, 0, -1)
         )
         self.head_up = nn.ConvTranspose3d(2 * embed_dim, 2 * head_channels, kernel_size=patch_size, stride=patch_size)
-        self.head_out = nn.Conv3d(head_channels, out_channels, kernel_size=1)
+        self.head_out = nn.Conv3d(head_channels, out_channels, kernel_size=1) if fusion_projection else nn.Identity()
 
     def _split_inputs(self, mri: torch.Tensor, pet: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if pet is None:

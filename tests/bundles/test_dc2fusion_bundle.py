@@ -33,7 +33,6 @@ TINY = {
     "network_def#depths": [1, 1],
     "network_def#num_heads": [1, 2],
     "network_def#conv_kernel_size": 3,
-    "network_def#head_channels": 4,
 }
 
 
@@ -134,7 +133,7 @@ def test_inference_rejects_a_pet_on_another_grid(data, tmp_path):
     assert isinstance(cause, DataError) and cause.path == bad and "register the pair" in str(cause)
 
 
-def test_evaluation_scores_the_network_and_the_three_baselines(data, tmp_path):
+def test_evaluation_scores_the_network_and_the_four_baselines(data, tmp_path):
     dataset_dir, datalist = data
     parser = _parser(
         ["train.json", "evaluate.json"],
@@ -146,7 +145,7 @@ def test_evaluation_scores_the_network_and_the_three_baselines(data, tmp_path):
     savers = [h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, FusionMetricsSaver)]
     assert len(savers) == 1
     saver = savers[0]
-    assert saver.method_name == "dc2fusion" and saver.baselines == ("average", "maximum", "laplacian_pyramid")
+    assert saver.method_name == "dc2fusion" and saver.baselines == ("average", "maximum", "laplacian_pyramid", "guided_filter")
     assert saver.protocols == ("volume", "slice") and saver.summary_path == str(tmp_path / "summary.json")
     assert parser.get_parsed_content("evaluate_list") == "testing"
 

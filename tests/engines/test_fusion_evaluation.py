@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from common.engines.fusion_evaluation import FusionMetricsSaver, summarize_rows
 from common.metrics import fusion as fm
+from common.networks.fusion_baselines import average_fusion
 
 
 def _sources(seed: int, shape=(16, 16, 16)) -> torch.Tensor:
@@ -44,13 +45,13 @@ def test_every_method_and_protocol_is_written_per_case(tmp_path):
 
     with open(tmp_path / "fusion_metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 4 * 2  # cases x (net + 3 baselines) x protocols
+    assert len(rows) == 2 * 5 * 2  # cases x (net + 4 baselines) x protocols
     assert {(r["method"], r["protocol"]) for r in rows} == {
-        (m, p) for m in ("net", "average", "maximum", "laplacian_pyramid") for p in ("volume", "slice")
+        (m, p) for m in ("net", "average", "maximum", "laplacian_pyramid", "guided_filter") for p in ("volume", "slice")
     }
     mri, pet = cases["c1"][0].double().numpy(), cases["c1"][1].double().numpy()
     row = next(r for r in rows if (r["case"], r["method"], r["protocol"]) == ("c1", "average", "volume"))
-    assert float(row["ssim"]) == pytest.approx(fm.fusion_metrics(fm.average_fusion(mri, pet), mri, pet)["ssim"])
+    assert float(row["ssim"]) == pytest.approx(fm.fusion_metrics(average_fusion(mri, pet), mri, pet)["ssim"])
     row = next(r for r in rows if (r["case"], r["method"], r["protocol"]) == ("c2", "net", "slice"))
     assert float(row["psnr_mri"]) == math.inf  # the copy of the MRI, on the middle axial slice
     assert float(row["ssim_pet"]) == pytest.approx(fm.ssim(cases["c2"][0, :, :, 8], cases["c2"][1, :, :, 8]))

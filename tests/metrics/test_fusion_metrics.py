@@ -1,4 +1,4 @@
-"""Tests of common/metrics/fusion.py: fusion metrics and classical baselines."""
+"""Tests of common/metrics/fusion.py: fusion metrics and the ranking summary."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from skimage.metrics import normalized_mutual_information as sk_nmi
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from common.metrics import fusion as fm
+from common.networks.fusion_baselines import average_fusion, maximum_fusion
 
 
 def _smooth(seed: int, shape: tuple[int, ...], sigma: float = 1.5) -> np.ndarray:
@@ -123,7 +124,7 @@ def test_phase_congruency_marks_edges_and_ignores_distant_flat_regions():
 
 def test_take_slice_and_slice_protocol(mri_pet):
     mri, pet = mri_pet
-    fused = fm.average_fusion(mri, pet)
+    fused = average_fusion(mri, pet)
     sliced = fm.fusion_metrics(fused, mri, pet, slice_index=8, axis=-1)
     assert sliced["psnr_mri"] == pytest.approx(fm.psnr(fused[..., 8], mri[..., 8]))
     assert sliced["ssim_pet"] == pytest.approx(fm.ssim(fused[..., 8], pet[..., 8]))
@@ -135,7 +136,7 @@ def test_take_slice_and_slice_protocol(mri_pet):
 
 def test_fusion_metrics_volume_keys_means_and_psnr_min(mri_pet):
     mri, pet = mri_pet
-    result = fm.fusion_metrics(torch.from_numpy(fm.average_fusion(mri, pet))[None, None], mri, pet)
+    result = fm.fusion_metrics(torch.from_numpy(average_fusion(mri, pet))[None, None], mri, pet)
     for name in ("psnr", "ssim", "nmi", "mi", "fsim"):
         assert result[name] == pytest.approx(0.5 * (result[f"{name}_mri"] + result[f"{name}_pet"]))
     assert result["psnr_min"] == min(result["psnr_mri"], result["psnr_pet"])
@@ -146,7 +147,7 @@ def test_fusion_metrics_volume_keys_means_and_psnr_min(mri_pet):
 def test_copying_the_mri_has_lower_psnr_min_than_averaging(mri_pet):
     mri, pet = mri_pet
     copy = fm.fusion_metrics(mri.copy(), mri, pet, slice_index=8)
-    average = fm.fusion_metrics(fm.average_fusion(mri, pet), mri, pet, slice_index=8)
+    average = fm.fusion_metrics(average_fusion(mri, pet), mri, pet, slice_index=8)
     assert copy["psnr_mri"] == math.inf
     assert copy["psnr_min"] < average["psnr_min"]
 
@@ -159,43 +160,13 @@ def test_metrics_reject_mismatched_or_batched_inputs(mri_pet):
         fm.fusion_metrics(np.stack([mri, mri]), np.stack([mri, mri]), np.stack([pet, pet]))
 
 
-def test_average_and_maximum_fusion_keep_the_input_type():
-    a, b = torch.tensor([[0.2, 0.9]]), torch.tensor([[0.6, 0.1]])
-    torch.testing.assert_close(fm.average_fusion(a, b), torch.tensor([[0.4, 0.5]]))
-    torch.testing.assert_close(fm.maximum_fusion(a, b), torch.tensor([[0.6, 0.9]]))
-    np.testing.assert_allclose(fm.maximum_fusion(a.numpy(), b.numpy()), [[0.6, 0.9]])
-
-
-def test_laplacian_pyramid_fusion_is_exact_on_identical_inputs_and_keeps_details(mri_pet):
-    mri, pet = mri_pet
-    np.testing.assert_allclose(fm.laplacian_pyramid_fusion(mri, mri, levels=3), mri, atol=1e-12)
-    flat = np.full_like(mri, 0.5)
-
-    def detail(x):
-        return np.std(x - ndimage.gaussian_filter(x, 1.0))
-
-    fused = fm.laplacian_pyramid_fusion(mri, flat, levels=3)
-    assert detail(fused) == pytest.approx(detail(mri), rel=0.05)  # choose-max keeps MRI details
-    assert detail(fm.average_fusion(mri, flat)) == pytest.approx(0.5 * detail(mri), rel=1e-6)
-    batch = torch.from_numpy(np.stack([mri, pet]))[:, None].float()  # (B, 1, D, H, W): fused per item
-    out = fm.laplacian_pyramid_fusion(batch, batch.flip(0), levels=2)
-    assert isinstance(out, torch.Tensor) and out.shape == batch.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out[0], out[1])  # the fusion rule is symmetric in its inputs
-
-
 def test_scorer_reuses_the_sources_and_equals_fusion_metrics(mri_pet):
     mri, pet = mri_pet
     scorer = fm.FusionScorer(mri, pet, slice_index=5, axis=0)
-    for fused in (fm.average_fusion(mri, pet), fm.maximum_fusion(mri, pet)):
+    for fused in (average_fusion(mri, pet), maximum_fusion(mri, pet)):
         assert scorer(fused) == pytest.approx(fm.fusion_metrics(fused, mri, pet, slice_index=5, axis=0), rel=1e-12)
     with pytest.raises(ValueError, match="sources' shape"):
         scorer(mri[:-1])
-
-
-def test_baseline_registry_names_the_three_baselines(mri_pet):
-    mri, pet = mri_pet
-    assert set(fm.BASELINES) == {"average", "maximum", "laplacian_pyramid"}
-    np.testing.assert_array_equal(fm.BASELINES["maximum"](mri, pet), np.maximum(mri, pet))
 
 
 def test_rank_methods_ranks_each_metric_and_orders_by_mean_rank():
@@ -217,7 +188,7 @@ def test_rank_methods_ranks_each_metric_and_orders_by_mean_rank():
 def test_copying_the_mri_ranks_below_averaging_on_the_ranking_summary(mri_pet):
     mri, pet = mri_pet
     scorer = fm.FusionScorer(mri, pet)
-    scores = {"copy_mri": scorer(mri.copy()), "average": scorer(fm.average_fusion(mri, pet))}
+    scores = {"copy_mri": scorer(mri.copy()), "average": scorer(average_fusion(mri, pet))}
     ranks = fm.rank_methods(scores)
     assert ranks["average"]["mean_rank"] < ranks["copy_mri"]["mean_rank"]
     assert scores["copy_mri"]["psnr"] == math.inf  # what averaged PSNR would have rewarded

@@ -12,7 +12,7 @@ from common.networks.blocks.deformable_cross_attention import (
     WindowCrossAttention,
     deformable_sample,
 )
-from common.networks.dc2fusion import DC2Fusion, l1_weighted_fusion
+from common.networks.dc2fusion import DC2Fusion
 
 SMALL = {"embed_dim": 12, "depths": (1, 1), "num_heads": (1, 2), "window_size": 2}
 
@@ -160,22 +160,6 @@ def test_block_has_separate_norms_and_returns_maps():
 # ---------------------------------------------------------------- fusion head and network
 
 
-def test_l1_weighting_of_equal_maps_returns_the_map():
-    f = torch.randn(2, 3, 4, 5, 6)
-    fused, weights = l1_weighted_fusion(f, f.clone())
-    assert torch.equal(fused, f)
-    assert torch.equal(weights, torch.full((2, 2, 4, 5, 6), 0.5))
-
-
-def test_l1_weights_follow_the_norms_and_sum_to_one():
-    f1 = torch.full((1, 2, 2, 2, 2), 3.0)
-    f2 = torch.full((1, 2, 2, 2, 2), -1.0)
-    fused, weights = l1_weighted_fusion(f1, f2, eps=1e-12)
-    torch.testing.assert_close(weights[:, 0], torch.full((1, 2, 2, 2), 0.75))
-    torch.testing.assert_close(weights.sum(1), torch.ones(1, 2, 2, 2))
-    torch.testing.assert_close(fused, torch.full_like(f1, 0.75 * 3.0 - 0.25 * 1.0))
-
-
 def test_network_handles_non_cubic_inputs_and_exposes_maps():
     torch.manual_seed(0)
     net = DC2Fusion(**SMALL)
@@ -199,32 +183,6 @@ def test_network_compiles_with_torchscript_and_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(scripted(stacked), net(stacked))
         torch.testing.assert_close(scripted(stacked[:, :1], stacked[:, 1:]), net(stacked))
-
-
-@pytest.mark.parametrize("activation", ["abs", "sigmoid"])
-def test_output_activation_is_applied_and_scripts(activation):
-    torch.manual_seed(0)
-    x = torch.rand(1, 2, 16, 16, 16)
-    plain = DC2Fusion(**SMALL).eval()
-    net = DC2Fusion(**SMALL, output_activation=activation).eval()
-    net.load_state_dict(plain.state_dict())  # no parameters of its own
-    with torch.no_grad():
-        raw = plain(x)
-        assert raw.min() < 0  # the paper's output is unbounded
-        expected = raw.abs() if activation == "abs" else torch.sigmoid(raw)
-        torch.testing.assert_close(net(x), expected)
-        torch.testing.assert_close(torch.jit.script(net)(x), expected)
-    with pytest.raises(ValueError, match="output_activation"):
-        DC2Fusion(**SMALL, output_activation="relu")
-
-
-def test_paper_form_of_the_fusion_head_is_available():
-    f1, f2 = torch.full((1, 1, 2, 2, 2), 3.0), torch.full((1, 1, 2, 2, 2), -1.0)
-    fused, weights = l1_weighted_fusion(f1, f2, normalize=False)
-    torch.testing.assert_close(fused, torch.full_like(f1, 3.0 * 3.0 + 1.0 * -1.0))  # |f1| f1 + |f2| f2
-    torch.testing.assert_close(weights, torch.cat((f1.abs(), f2.abs()), dim=1))
-    net = DC2Fusion(**SMALL, normalize_fusion_weights=False)
-    assert net(torch.rand(1, 2, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 20, 16, 16), (1, 1, 16, 16, 12)])
