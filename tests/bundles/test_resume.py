@@ -2,7 +2,7 @@
 
 HLWA-UNet is killed for real, as a user's ``python -m monai.bundle run training`` subprocess: with SIGKILL in the
 middle of an epoch, with SIGTERM in the middle of an epoch, and with SIGKILL while a checkpoint is being written
-(the process is held inside the save by the documented test hook ``COMMON_CHECKPOINT_PAUSE_AT_EPOCH``). Each rerun
+(the process is held inside the save by the test seam ``TEST_SEAM_PAUSE_ENV`` of ``common.engines.checkpoint``). Each rerun
 of the same command with ``--resume true`` must start at the epoch after the last saved one, from the saved weights
 and optimiser state. The other bundles train one epoch and resume to a second one in-process (cheaper than a
 subprocess), which exercises each bundle's own resumable state: EMA (MedSegDiff), both GAN networks, optimisers and
@@ -24,7 +24,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from common.bundle.pipeline import load_pipeline, prepare_data, stage_command, stage_overrides
-from common.engines.checkpoint import PAUSE_AT_EPOCH_ENV, load_checkpoint, save_checkpoint
+from common.engines.checkpoint import TEST_SEAM_PAUSE_ENV, load_checkpoint, save_checkpoint
 from common.io import partial_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,7 +127,7 @@ def test_hlwa_training_killed_mid_epoch_and_mid_save_resumes_from_the_last_good_
     assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {2 * ITERS_PER_EPOCH}
 
     # 3. resumed again, and SIGKILLed inside the save of epoch 3, after the temporary file is written
-    run = _Run({**ov, "resume": "true"}, os.path.join(work, "c.log"), env={PAUSE_AT_EPOCH_ENV: "3"})
+    run = _Run({**ov, "resume": "true"}, os.path.join(work, "c.log"), env={TEST_SEAM_PAUSE_ENV: "3"})
     tmp = run.wait_for(r"pausing before the rename of (\S+) ").group(1)
     assert os.path.isfile(tmp) and _epoch(tmp) == 3 and _epoch(last) == 2
     assert run.stop(signal.SIGKILL) == -signal.SIGKILL
