@@ -10,12 +10,12 @@ the process exits with status 2 (see :mod:`common.cli`) although the good cases'
 The pieces, wired in each ``configs/inference.json``::
 
     "datalist": "$inference_items(@data_list_file_path, @inference_list, @dataset_dir)",
-    "dataset": {"_target_": "Dataset", "data": "@datalist",
-                "transform": {"_target_": "common.data.inference.SkipOnDataError", "transform": "@preprocessing"}},
+    "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "$SkipOnDataError(@preprocessing)"},
     "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, ...},
     "cases": {"_target_": "common.data.inference.SkippedCases", "loader": "@dataloader", "output_dir": "@output_dir"},
 
-with ``"val_data_loader": "@cases"`` in the evaluator, ``"@cases"`` in its handlers and
+(the transform an expression, not a ``_target_`` item, for ``ConfigWorkflow.check_properties``, which wants
+``dataset#transform`` to refer to ``preprocessing``), with ``"val_data_loader": "@cases"`` in the evaluator, ``"@cases"`` in its handlers and
 ``"run": ["$@evaluator.run()", "$@cases.raise_if_skipped()"]``. A skipped case travels as a
 *marker* (the item with :data:`SKIPPED_KEY` holding the reason) through the dataset and the ``DataLoader``, worker
 processes included, and :class:`SkippedCases` takes it out in the main process before the evaluator sees it.
