@@ -100,6 +100,14 @@ class _Run:
         self.stop(signal.SIGKILL, tree=True)
         raise AssertionError(f"{pattern!r} not in the log of {self.proc.args}:\n{self.text()[-3000:]}")
 
+    def finish(self, timeout: float) -> int:
+        """Wait for the process to end by itself; kill it and its descendants after ``timeout`` seconds."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(signal.SIGKILL, tree=True)
+            raise AssertionError(f"{self.proc.args} did not finish in {timeout} s:\n{self.text()[-3000:]}") from None
+
     def stop(self, sig: int, tree: bool = False) -> int:
         """Send ``sig`` to the process, or with ``tree`` to it and all its descendants at once (a whole torchrun
         job, whose workers run in sessions of their own); its exit status."""
@@ -164,7 +172,7 @@ def test_hlwa_training_killed_mid_epoch_and_mid_save_resumes_from_the_last_good_
 
     # 4. the rerun cleans the leftover, resumes at epoch 2 and finishes
     run = _Run({**ov, "resume": "true"}, os.path.join(work, "d.log"))
-    assert run.proc.wait(timeout=300) == 0, run.text()[-3000:]
+    assert run.finish(timeout=300) == 0, run.text()[-3000:]
     log = run.text()
     assert f"removed {tmp}" in log and f"resumed from {last} at epoch 2" in log
     assert SAVED.findall(log) == ["3"] and partial_files(last) == []
@@ -233,7 +241,7 @@ def test_torchrun_job_killed_mid_epoch_resumes_on_both_ranks(tmp_path):
     assert SAVED.findall(run.text())[-1] == "1" and _epoch(last) == 1
 
     run = _Run({}, os.path.join(work, "b.log"), cmd=torchrun({"resume": "true"}))
-    assert run.proc.wait(timeout=600) == 0, run.text()[-4000:]
+    assert run.finish(timeout=600) == 0, run.text()[-4000:]
     log = run.text()
     assert log.count(f"resumed from {last} at epoch 1") == 2  # rank 0 and rank 1, from the one file
     assert "Epoch: 1/3, Iter" not in log and "Epoch: 2/3, Iter: 1/" in log
