@@ -1,4 +1,5 @@
-"""The harness on every bundle: each folder under ``bundles/`` (and the example bundle) passes every check."""
+"""The harness on every bundle: each folder under ``bundles/`` (and the example bundle) passes every check, and its
+training learns: the loss falls, and the trained model beats an untrained one on the bundle's metric."""
 
 import glob
 import math
@@ -18,5 +19,9 @@ BUNDLES.append(os.path.join(REPO_ROOT, "tests", "example_bundle"))
 @pytest.mark.parametrize("bundle_dir", BUNDLES, ids=os.path.basename)
 def test_bundle_passes_harness(bundle_dir, tmp_path):
     result = check_bundle(bundle_dir, str(tmp_path))
-    assert [s.name for s in result.stages] == [s["name"] for s in load_pipeline(bundle_dir)["stages"]]
-    assert result.metric_value is not None and math.isfinite(result.metric_value)
+    assert [s.name for s in result.pipeline.stages] == [s["name"] for s in load_pipeline(bundle_dir)["stages"]]
+    assert result.pipeline.metric_value is not None and math.isfinite(result.pipeline.metric_value)
+    losses = result.learning.epoch_losses
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    if load_pipeline(bundle_dir).get("learning", {}).get("compare_untrained", True):
+        assert result.learning.trained > result.learning.untrained

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
@@ -370,35 +372,155 @@ def check_inference_outputs(bundle_dir: str, result: PipelineResult, stage_name:
     return checked
 
 
-def check_training_run_id(bundle_dir: str, result: PipelineResult) -> None:
-    """The plain ``run`` id trains as well as ``training`` does (the collection's interface)."""
+#: the learning check's settings, each overridden by the ``"learning"`` object of ``configs/pipeline.json``: the
+#: stages re-run, in the pipeline's order, with ``stages[name]`` on top of each one's test profile (``"train"``
+#: always, run without validation; earlier ones when the model depends on them, e.g. COVID-19's GAN and pseudo-masks);
+#: the fraction by which the mean loss of the train stage's last epoch must be below that of its first; the loss's
+#: log tag; and the evaluation of the trained and the untrained model (the list it reads, ``evaluate_overrides`` on
+#: top of the evaluate stage's test profile), which a bundle can only turn off with the reason (``untrained_reason``),
+#: shown as a warning by every harness run.
+LEARNING_DEFAULTS: dict[str, Any] = {
+    "stages": {"train": {"epochs": 8, "val_interval": 1000, "learning_rate": 0.003}},
+    "loss_drop": 0.05,
+    "tag": "train_loss",
+    "evaluate_list": "training",
+    "evaluate_overrides": {},
+    "compare_untrained": True,
+    "untrained_reason": "",
+}
+
+
+@dataclass
+class LearningResult:
+    """What :func:`check_learning` measured: the mean loss of each epoch, and the summary metric (on the training
+    cases) of the trained model and of an untrained one."""
+
+    epoch_losses: list[float]
+    metric_name: str | None = None
+    trained: float | None = None
+    untrained: float | None = None
+
+
+@dataclass
+class HarnessResult:
+    """What :func:`check_bundle` ran: the bundle's pipeline, and the learning check."""
+
+    pipeline: PipelineResult
+    learning: LearningResult
+
+
+def epoch_losses(log_text: str, tag: str = "train_loss") -> list[float]:
+    """Mean of the iteration losses of each epoch, from the lines MONAI's ``StatsHandler`` logs
+    (``"Epoch: 2/6, Iter: 1/2 -- train_loss: 0.8123"``), in epoch order."""
+    found: dict[int, list[float]] = {}
+    for epoch, value in re.findall(rf"Epoch: (\d+)/\d+, Iter: \d+/\d+ -- {re.escape(tag)}: (\S+)", log_text):
+        found.setdefault(int(epoch), []).append(float(value))
+    return [float(np.mean(found[e])) for e in sorted(found)]
+
+
+def _untrained_checkpoint(bundle_dir: str, stage: dict[str, Any], path: str) -> str:
+    """The weights of a freshly initialised ``network_def`` of ``stage``'s configs (test profile), saved to ``path``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    with _chdir(bundle_dir):
+        parser.read_config(_as_files(stage["config_file"]))
+    parser.update({k: v for k, v in stage_overrides(stage, "test").items() if k.startswith("network_def")})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
+def _as_files(config_file: str | list[str]) -> list[str]:
+    return [config_file] if isinstance(config_file, str) else list(config_file)
+
+
+def check_learning(bundle_dir: str, result: PipelineResult) -> LearningResult:
+    """Training learns, and the plain ``run`` id trains as well as ``training`` does (the collection's interface).
+
+    The train stage is run again through ``run``, longer and faster (:data:`LEARNING_DEFAULTS`, or the
+    ``"learning"`` object of ``configs/pipeline.json``), after the earlier stages it names (COVID-19: the GAN and its
+    pseudo-masks); the mean loss of its last epoch must be lower than that of its first by ``loss_drop``, and the
+    evaluate stage, on the cases it trained on (``evaluate_list`` ``"training"``; COVID-19: ``"validation"``, as its
+    training studies have no mask), must give it a better summary metric (higher: Dice, SSIM) than the same network
+    untrained. What the harness run saved in ``ckpt_dir`` (e.g. pseudo-masks) is there for the re-run too. The test
+    profile trains one epoch at the configs' learning rate, too little to show either.
+
+    Raises:
+        BundleCheckError: a stage fails, the loss does not drop, or the trained model is not better.
+    """
     spec = load_pipeline(bundle_dir)
-    stage = dict(next(s for s in spec["stages"] if s.get("trains") and s["name"] == "train"))
+    stages = {s["name"]: s for s in spec["stages"]}
+    stage = dict(stages["train"])
     if stage.get("run_id") == "run":
         raise _fail(bundle_dir, "the pipeline's train stage should use the 'training' id; 'run' is checked here")
     stage["run_id"] = "run"
+    learning = {**LEARNING_DEFAULTS, **spec.get("learning", {})}
+    unknown = sorted(set(learning) - set(LEARNING_DEFAULTS))
+    if unknown:
+        raise _fail(bundle_dir, f"configs/pipeline.json: 'learning' has unknown keys {unknown}")
+    if "train" not in learning["stages"] or set(learning["stages"]) - set(stages):
+        raise _fail(bundle_dir, f"configs/pipeline.json: learning#stages {sorted(learning['stages'])} must name "
+                    f"the train stage and stages of the pipeline")  # fmt: skip
+    if not learning["compare_untrained"] and not learning["untrained_reason"]:
+        raise _fail(bundle_dir, "configs/pipeline.json: learning#compare_untrained false needs an untrained_reason")
     work = os.path.join(result.work_dir, "train_via_run")
-    overrides = {
-        "dataset_dir": result.dataset_dir,
-        "data_list_file_path": result.datalist,
-        "output_dir": os.path.join(work, "out"),
-        "ckpt_dir": os.path.join(work, "checkpoints"),
-        "device": "cpu",
-    }
-    overrides.update(stage_overrides(stage, "test"))
-    # what earlier stages saved in the shared ckpt_dir (e.g. a bundle's pseudo-masks) is there for the re-run too
+    ckpt_dir = os.path.join(work, "checkpoints")
+    common = {"dataset_dir": result.dataset_dir, "data_list_file_path": result.datalist, "device": "cpu"}
     shutil.copytree(
-        os.path.join(result.work_dir, "checkpoints"),
-        overrides["ckpt_dir"],
-        ignore=shutil.ignore_patterns(CHECKPOINT_NAME),
+        os.path.join(result.work_dir, "checkpoints"), ckpt_dir, ignore=shutil.ignore_patterns(CHECKPOINT_NAME, "*.ckpt")
     )
-    run_stage(bundle_dir, stage, overrides, os.path.join(work, "train.log"))
-    if not os.path.isfile(os.path.join(work, "checkpoints", CHECKPOINT_NAME)):
+    logs = {}
+    for name in (s["name"] for s in spec["stages"] if s["name"] in learning["stages"]):
+        run = stage if name == "train" else stages[name]
+        overrides = {**common, "output_dir": os.path.join(work, name), "ckpt_dir": ckpt_dir}
+        overrides.update(stage_overrides(run, "test"))
+        overrides.update(learning["stages"][name])
+        logs[name] = run_stage(bundle_dir, run, overrides, os.path.join(work, f"{name}.log")).log_file
+    log = logs["train"]
+    model = os.path.join(ckpt_dir, CHECKPOINT_NAME)
+    if not os.path.isfile(model):
         raise _fail(bundle_dir, f"'run' trained but saved no checkpoints/{CHECKPOINT_NAME}")
+    with open(log) as f:
+        losses = epoch_losses(f.read(), learning["tag"])
+    if len(losses) < 2 or not losses[-1] < (1.0 - learning["loss_drop"]) * losses[0]:
+        raise _fail(
+            bundle_dir,
+            f"training did not lower its loss by {learning['loss_drop']:.0%} in {len(losses)} epochs "
+            f"(epoch means {[round(v, 4) for v in losses]}; log {log})",
+        )
+    if not learning["compare_untrained"]:
+        warnings.warn(
+            f"bundle {os.path.basename(os.path.abspath(bundle_dir))}: the trained model is not compared with an "
+            f"untrained one: {learning['untrained_reason']}",
+            stacklevel=2,
+        )
+        return LearningResult(losses)
+    summary = spec["summary"]
+    evaluate = stages[summary["stage"]]
+    untrained = _untrained_checkpoint(bundle_dir, evaluate, os.path.join(work, "untrained.pt"))
+    metric = {}
+    for name, ckpt in (("trained", model), ("untrained", untrained)):
+        out = os.path.join(work, f"evaluate_{name}")
+        ov = {**common, "output_dir": out, "ckpt_dir": ckpt_dir, evaluate["uses_checkpoint"]: ckpt}
+        ov.update(stage_overrides(evaluate, "test"))
+        ov.update({"evaluate_list": learning["evaluate_list"], **learning["evaluate_overrides"]})
+        run_stage(bundle_dir, evaluate, ov, os.path.join(work, f"evaluate_{name}.log"))
+        with open(os.path.join(out, summary["file"])) as f:
+            metric[name] = float(json.load(f)[summary["metric"]])
+    if not metric["trained"] > metric["untrained"]:
+        raise _fail(
+            bundle_dir,
+            f"the trained model is no better than an untrained one on the cases it trained on: {summary['metric']} "
+            f"{metric['trained']:.4f} vs {metric['untrained']:.4f}",
+        )
+    return LearningResult(losses, summary["metric"], metric["trained"], metric["untrained"])
 
 
-def check_bundle(bundle_dir: str, work_dir: str) -> PipelineResult:
-    """Every check, in order: static files and metadata first, then a full tiny run and its outputs."""
+def check_bundle(bundle_dir: str, work_dir: str) -> HarnessResult:
+    """Every check, in order: static files and metadata first, then a full tiny run and its outputs, then the
+    learning check (:func:`check_learning`)."""
     check_required_files(bundle_dir)
     check_metadata(bundle_dir)
     check_interface(bundle_dir)
@@ -431,8 +553,7 @@ def check_bundle(bundle_dir: str, work_dir: str) -> PipelineResult:
             "device": "cpu",
         },
     )
-    check_training_run_id(bundle_dir, result)
-    return result
+    return HarnessResult(result, check_learning(bundle_dir, result))
 
 
 @contextlib.contextmanager

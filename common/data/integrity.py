@@ -437,11 +437,12 @@ def require_valid_datalist(
         raise DataError(data_list_file_path, f"{len(problems)} data problem(s) in {', '.join(keys)}:\n{lines}")
 
 
-def screen_items(items: list[dict], layout: str) -> list[dict]:
+def screen_items(items: list[dict], layout: str, skipped: list[tuple[dict, str]] | None = None) -> list[dict]:
     """For inference: the items whose files are all good; one WARNING per bad case naming its files and problems.
 
     Paths are used as they are (join them first, e.g. with :func:`common.data.decathlon.load_datalist`). The
-    logger is ``"common.data.integrity"``.
+    logger is ``"common.data.integrity"``. Each bad item is appended to ``skipped``, when given, with its problems
+    in one line (``"<file>: <problem>; ..."``), as :func:`common.data.inference.inference_items` reports them.
 
     Raises:
         DataError: no item is left (naming the folder holding the items).
@@ -452,6 +453,8 @@ def screen_items(items: list[dict], layout: str) -> list[dict]:
         if problems:
             details = "; ".join(f"{p.path}: {p.problem}" for p in problems)
             logger.warning("skipping case %s: %s", problems[0].case, details)
+            if skipped is not None:
+                skipped.append((item, details))
         else:
             good.append(item)
     if not good:

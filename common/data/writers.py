@@ -6,6 +6,8 @@ collection promises ``<output_dir>/<case>_<postfix>.nii.gz`` and never a partial
 
 A run killed (SIGKILL, out of memory) while writing leaves no file under the final name, only the hidden
 temporary file of :func:`~common.io.atomic_path`; writing that output again (re-running the case) removes it.
+
+A case with several outputs is written as a set by :class:`SaveAsSet`: all its files appear, or none.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import Compose, MapTransform
 
-from common.io import atomic_path, remove_partial_files
+from common.io import atomic_path, file_set, remove_partial_files
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str, dtype: Any = np.float32) -> str:
@@ -85,3 +87,22 @@ class SaveCaseImaged(MapTransform):
             save_nifti(arr, affine, path, self.dtype)
             d[f"{key}_file"] = path
         return d
+
+
+class SaveAsSet(Compose):
+    """MONAI's ``Compose`` whose output files appear as a set: all of them once every transform has run, or none.
+
+    For a case with several outputs (MedSegDiff: mask, mean and uncertainty; DC2Fusion: PNG panel and fused NIfTI),
+    so that a failure after the first file (a full disk, a transform between two writers) never leaves a partial
+    case behind. The writers inside are the usual ones (:class:`SaveCaseImaged`,
+    :class:`~common.data.fusion_panel.SaveFusionPaneld`, anything writing through :func:`~common.io.atomic_path`),
+    and other transforms (``Invertd``) may sit between them; the chain runs inside :func:`~common.io.file_set`.
+    Arguments are ``Compose``'s; in a config, ``"_target_": "common.data.writers.SaveAsSet"`` instead of
+    ``"Compose"``.
+    """
+
+    def __call__(
+        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+    ) -> Any:
+        with file_set():
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)

@@ -27,8 +27,14 @@ Objects, all ignite handlers (``attach(engine)``) usable in bundle configs:
   saved at the end of each epoch, loaded at the start when ``resume`` is true;
 - :class:`BestModelSaver` (evaluator): ``model.pt``, the plain ``state_dict`` of the network, when the key metric
   improves; its best value is part of the resumable state;
-- :class:`FinalModelSaver` (trainer): the plain ``state_dict`` of a network when training completes;
-- :class:`SafeCheckpointLoader`: MONAI's ``CheckpointLoader`` loading through :func:`load_checkpoint`.
+- :class:`FinalModelSaver` (trainer): keeps ``model.pt`` usable by inference however training ends (completed,
+  stopped early, SIGTERM, killed): the best validated weights once a validation has given a metric, the latest weights
+  until then, with a log line at the end saying which;
+- :class:`SafeCheckpointLoader`: MONAI's ``CheckpointLoader`` loading through :func:`load_checkpoint`, saying which
+  training command writes a checkpoint that is missing.
+
+The test seam (:data:`TEST_SEAM_PAUSE_ENV`, at the end of this module) holds a save open so that a test can kill the
+process inside it; it is inert unless that environment variable is set.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import math
 import os
 import pickle
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,7 +62,7 @@ from common.errors import DataError
 from common.io import atomic_path, remove_partial_files
 
 __all__ = [
-    "PAUSE_AT_EPOCH_ENV",
+    "TEST_SEAM_PAUSE_ENV",
     "BestModelSaver",
     "FinalModelSaver",
     "ResumableCheckpoint",
@@ -62,13 +70,6 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
 ]
-
-#: Testing hook: when this environment variable holds an epoch number, :class:`ResumableCheckpoint` pauses for
-#: :data:`PAUSE_SECONDS` inside the save of that epoch, after the temporary file is complete and before the rename,
-#: after logging ``"pausing before the rename of <tmp>"``. A test kills the process there to check that a kill
-#: during a save leaves the previous checkpoint intact. Unset (the default) it does nothing.
-PAUSE_AT_EPOCH_ENV = "COMMON_CHECKPOINT_PAUSE_AT_EPOCH"
-PAUSE_SECONDS = 60.0
 
 _TRAINER_KEY = "trainer"
 _SCALER_KEY = "grad_scaler"
@@ -249,7 +250,7 @@ class ResumableCheckpoint:
         ValueError: empty ``save_dict``, a reserved name, an object without state, a ``filename`` with a folder,
             or a ``resume`` that is not a boolean.
 
-    Testing hook: see :data:`PAUSE_AT_EPOCH_ENV`.
+    Test seam: see :data:`TEST_SEAM_PAUSE_ENV`.
     """
 
     def __init__(
@@ -300,19 +301,8 @@ class ResumableCheckpoint:
         if not _is_saving_rank():
             return
         epoch = int(engine.state.epoch)
-        save_checkpoint(self.state_of(engine), self.path, before_replace=self._pause_hook(epoch))
+        save_checkpoint(self.state_of(engine), self.path, before_replace=_test_seam_pause(epoch, self.logger))
         self.logger.info(f"saved checkpoint epoch {epoch} to {self.path}")
-
-    def _pause_hook(self, epoch: int) -> Callable[[str], None] | None:
-        wanted = os.environ.get(PAUSE_AT_EPOCH_ENV, "").strip()
-        if not wanted or int(wanted) != epoch:
-            return None
-
-        def pause(tmp: str) -> None:
-            self.logger.info(f"pausing before the rename of {tmp} ({PAUSE_AT_EPOCH_ENV}={wanted})")
-            time.sleep(PAUSE_SECONDS)
-
-        return pause
 
     def restore(self, engine: Engine) -> None:
         """Remove stale temporary files; load the checkpoint when ``resume`` is true and it exists."""
@@ -397,11 +387,11 @@ class _NetworkFileSaver:
             self.logger = engine.logger
         engine.add_event_handler(self.event, self)
 
-    def _save(self, message: str) -> None:
+    def _save(self, message: str, level: int = logging.INFO) -> None:
         if _is_saving_rank():
             remove_partial_files(self.path)
             save_checkpoint(_unwrap(self.network).state_dict(), self.path)
-            self.logger.info(f"{message} to {self.path}")
+            self.logger.log(level, f"{message} to {self.path}")
 
 
 class BestModelSaver(_NetworkFileSaver):
@@ -410,8 +400,9 @@ class BestModelSaver(_NetworkFileSaver):
     Attach it to the evaluator (it runs at the evaluator's ``EPOCH_COMPLETED``, after the metrics). The file holds
     exactly ``network.state_dict()`` (without a DDP ``module.`` prefix), what inference and ``ckpt_export`` load.
     It is written atomically on rank 0 (see the module docstring for why not MONAI's ``CheckpointSaver``). The best
-    value and its epoch are this object's ``state_dict``: list it in :class:`ResumableCheckpoint`'s ``save_dict``
-    so that a resumed run does not overwrite a better model with its first, worse one.
+    value, its epoch and the metric's name are this object's ``state_dict``: list it in :class:`ResumableCheckpoint`'s
+    ``save_dict`` so that a resumed run does not overwrite a better model with its first, worse one. Until a
+    validation has run, the file is kept by a :class:`FinalModelSaver` given this saver as ``best_model_saver``.
 
     Args:
         save_dir: folder of the file.
@@ -436,14 +427,20 @@ class BestModelSaver(_NetworkFileSaver):
         self.greater_is_better = bool(greater_is_better)
         self.best_metric: float | None = None
         self.best_metric_epoch = -1
+        self.best_metric_name: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_metric": self.best_metric, "best_metric_epoch": self.best_metric_epoch}
+        return {
+            "best_metric": self.best_metric,
+            "best_metric_epoch": self.best_metric_epoch,
+            "best_metric_name": self.best_metric_name,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         best = state["best_metric"]
         self.best_metric = None if best is None else float(best)
         self.best_metric_epoch = int(state["best_metric_epoch"])
+        self.best_metric_name = state.get("best_metric_name")  # absent from checkpoints of earlier versions
 
     def is_better(self, value: float) -> bool:
         """Strictly better than the best so far (NaN never is)."""
@@ -468,27 +465,162 @@ class BestModelSaver(_NetworkFileSaver):
         value = float(value)
         if not self.is_better(value):
             return
-        self.best_metric, self.best_metric_epoch = value, int(engine.state.epoch)
+        self.best_metric, self.best_metric_epoch, self.best_metric_name = value, int(engine.state.epoch), name
         self._save(f"saved best model ({name}={value:.4f}, epoch {self.best_metric_epoch})")
 
 
-class FinalModelSaver(_NetworkFileSaver):
-    """Save a network's plain ``state_dict`` to ``<save_dir>/<filename>`` when the engine completes, atomically.
+class _StopOnSigterm:
+    """One per engine: SIGTERM asks the engine to stop after its iteration in progress; once the run has completed
+    (every ``COMPLETED`` handler done, the model files written), the process is ended by that SIGTERM after all.
 
-    For a model that is used as trained to the end (e.g. the COVID-19 GAN's generator, which has no validation
-    metric). A resumed run whose checkpoint is already at the last epoch completes at once and writes it again.
+    Why not let SIGTERM end the process at once (Python's default): nothing would write the weights of a run killed
+    before any checkpoint; why not end the run with an exception: ignite hands it to ``EXCEPTION_RAISED`` handlers
+    (MONAI's ``StatsHandler`` logs a traceback), and the weights would be those of an interrupted optimiser step.
+    """
+
+    _ATTRIBUTE = "_common_stop_on_sigterm"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.signalled = False
+        self._previous: Any = None
+        engine.add_event_handler(Events.STARTED, self._install)
+
+    @classmethod
+    def of(cls, engine: Engine) -> _StopOnSigterm:
+        """The engine's stopper, made and attached on first use."""
+        stop = getattr(engine, cls._ATTRIBUTE, None)
+        if stop is None:
+            stop = cls(engine)
+            setattr(engine, cls._ATTRIBUTE, stop)
+        return stop
+
+    def _install(self, engine: Engine) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            engine.logger.debug("not in the main thread: SIGTERM keeps its default action")
+            return
+        self.signalled = False
+        if signal.getsignal(signal.SIGTERM) != self._on_sigterm:  # not yet installed (or left by a failed run)
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # added at STARTED, after every handler attached at construction: runs last among COMPLETED handlers
+        if not engine.has_event_handler(self._finish, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.signalled:  # a second SIGTERM: stop now
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signalled = True
+        self.engine.logger.warning(
+            "SIGTERM: training stops after the iteration (or validation) in progress, writes the model, then exits"
+        )
+        self.engine.terminate()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _finish(self, engine: Engine) -> None:
+        self._restore()
+        if self.signalled:
+            signal.raise_signal(signal.SIGTERM)  # the previous action, by default: end the process (status -15)
+
+
+class FinalModelSaver(_NetworkFileSaver):
+    """Keep ``<save_dir>/<filename>`` usable by inference however training ends: the network's plain ``state_dict``.
+
+    Without ``best_model_saver`` (a model used as trained to the end, e.g. the COVID-19 GAN's generator, which has no
+    validation metric) the file holds the latest weights. With it (the :class:`BestModelSaver` of the same file), the
+    file holds the best validated weights once a validation has given a metric, and the latest weights until then,
+    so that a run shorter than its ``val_interval`` (``--epochs 1``) still leaves a model for inference.
+
+    When it writes (atomically, on rank 0; nothing more once ``best_model_saver`` holds a best):
+
+    - at the end of every epoch (attach it before the ``ValidationHandler``, so the file is written before a long
+      validation starts): a kill at any moment, SIGKILL included, leaves the weights of the last completed epoch,
+      the epoch that ``last.ckpt`` resumes from;
+    - when the run ends (``COMPLETED``: all epochs done, or stopped early by ``engine.terminate()``), with one log line
+      saying what the file holds: ``"training completed: <file> holds the best validated weights (epoch E,
+      val_mean_dice 0.8123)"``, or ``"training completed, before any validation result: saved the final weights
+      (epoch E, iteration I) to <file>"`` (``stopped early`` / ``stopped by SIGTERM`` in place of ``completed``);
+    - on SIGTERM (a scheduler's stop, ``kill``, torchrun passing one on): the trainer stops after the iteration (or
+      validation) in progress, the file is written as at the end of a run, and the process is then ended by that
+      SIGTERM as it would have been (exit status 143, ``-15`` from ``subprocess``), without the config's
+      ``finalize``. A second SIGTERM ends it at once. The handler is installed in the main thread only; under
+      torchrun, a rank that is waiting for another's collective at that moment is ended by torchrun instead, and
+      then the file holds the weights of the last completed epoch.
+
+    A resumed run whose checkpoint is already at the last epoch completes at once and writes the file again.
 
     Args:
         save_dir: folder of the file.
-        network: the network to save.
+        network: the network to save (for a diffusion model, the EMA network, as its best-model saver).
         filename: file name. Default ``"model.pt"``.
+        best_model_saver: the evaluator's :class:`BestModelSaver` writing the same file, whose validated best is
+            kept once there is one. Default None.
         name: logger name; default the engine's logger.
+
+    Raises:
+        ValueError: ``best_model_saver`` is not a :class:`BestModelSaver` or writes another file.
     """
 
-    event = Events.COMPLETED
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        network: torch.nn.Module,
+        filename: str = "model.pt",
+        best_model_saver: BestModelSaver | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(save_dir, network, filename, name)
+        if best_model_saver is not None:
+            if not isinstance(best_model_saver, BestModelSaver):
+                raise ValueError(f"best_model_saver must be a BestModelSaver, got {type(best_model_saver).__name__}")
+            if os.path.abspath(best_model_saver.path) != os.path.abspath(self.path):
+                raise ValueError(
+                    f"best_model_saver writes {best_model_saver.path}, this saver {self.path}: they must keep one file"
+                )
+        self.best_model_saver = best_model_saver
+        self._stop: _StopOnSigterm | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
+        self._stop = _StopOnSigterm.of(engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save_latest)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _validated(self) -> bool:
+        return self.best_model_saver is not None and self.best_model_saver.best_metric is not None
+
+    def save_latest(self, engine: Engine) -> None:
+        """End of an epoch: write the weights unless a validated best is kept."""
+        if not self._validated():
+            self._save(f"saved the weights of epoch {engine.state.epoch} (no validation result yet)", logging.DEBUG)
 
     def __call__(self, engine: Engine) -> None:
-        self._save(f"saved final model (epoch {engine.state.epoch})")
+        """End of the run: write the final weights unless a validated best is kept; say which the file holds."""
+        if self._stop is not None and self._stop.signalled:
+            how = "training stopped by SIGTERM"
+        elif engine.should_terminate:
+            how = "training stopped early"
+        else:
+            how = "training completed"
+        best = self.best_model_saver
+        if self._validated():
+            if _is_saving_rank():
+                metric = best.best_metric_name or "key metric"
+                self.logger.info(
+                    f"{how}: {self.path} holds the best validated weights "
+                    f"(epoch {best.best_metric_epoch}, {metric} {best.best_metric:.4f})"
+                )
+            return
+        before = ", before any validation result" if best is not None else ""
+        self._save(
+            f"{how}{before}: saved the final weights (epoch {engine.state.epoch}, iteration {engine.state.iteration})"
+        )
 
 
 class SafeCheckpointLoader(CheckpointLoader):
@@ -496,12 +628,37 @@ class SafeCheckpointLoader(CheckpointLoader):
 
     MONAI's loader already passes ``weights_only=True``, but a refused or damaged file then ends in a long
     ``UnpicklingError`` / ``RuntimeError`` from the depths of ``torch.load``; this one raises a one-line
-    :class:`~common.errors.DataError` naming the file (see :func:`load_checkpoint`), and says so when a training
-    checkpoint (``last.ckpt``) is given where the network's weights (``model.pt``) are expected. Arguments and
-    behaviour are otherwise MONAI's (``load_path``, ``load_dict``, ``map_location``, ``strict``, ``strict_shape``).
+    :class:`~common.errors.DataError` naming the file (see :func:`load_checkpoint`), says which training command
+    writes a file that is missing, and says so when a training checkpoint (``last.ckpt``) is given where the network's
+    weights (``model.pt``) are expected. Arguments and behaviour are otherwise MONAI's (``load_path``, ``load_dict``,
+    ``map_location``, ``strict``, ``strict_shape``), plus:
+
+    Args:
+        training_command: the command that writes ``load_path`` (run from the bundle folder, without its
+            ``--ckpt_dir``), e.g. ``"python -m monai.bundle run training --config_file configs/train.json"``; a
+            missing file is then reported as ``"<path>: checkpoint file not found: it is written by `<command>
+            --dataset_dir <data> --data_list_file_path <datalist> --ckpt_dir <folder of path>`; or pass --ckpt_path
+            <a model file>"``. Default None: the message says that the bundle's training writes it.
     """
 
+    def __init__(self, *args: Any, training_command: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.training_command = training_command
+
+    def _missing(self) -> DataError:
+        folder = os.path.dirname(os.path.abspath(self.load_path))
+        if self.training_command:
+            how = (
+                f"it is written by `{self.training_command} --dataset_dir <data> --data_list_file_path <datalist> "
+                f"--ckpt_dir {folder}` (run from the bundle folder)"
+            )
+        else:
+            how = "the bundle's training writes it into its --ckpt_dir"
+        return DataError(self.load_path, f"checkpoint file not found: {how}; or pass --ckpt_path <a model file>")
+
     def __call__(self, engine: Engine) -> None:
+        if not os.path.exists(self.load_path):
+            raise self._missing()
         checkpoint = load_checkpoint(self.load_path, self.map_location)
         if not isinstance(checkpoint, Mapping):
             raise DataError(self.load_path, f"holds a {type(checkpoint).__name__}, not a state_dict")
@@ -535,3 +692,27 @@ class SafeCheckpointLoader(CheckpointLoader):
             )
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored all variables from {self.load_path}")
+
+
+# ------------------------------------------------------------------------------------------------------ test seam
+
+#: Test seam, not a setting: when this environment variable holds an epoch number, :class:`ResumableCheckpoint`
+#: logs ``"pausing before the rename of <tmp>"`` inside the save of that epoch, once the temporary file is complete
+#: and before the rename, and sleeps :data:`TEST_SEAM_PAUSE_SECONDS`. ``tests/bundles/test_resume.py`` kills the
+#: process there (a subprocess run by the command line a user types, hence an environment variable rather than an
+#: argument) to show that a kill during a save leaves the previous checkpoint intact. Unset, it does nothing.
+TEST_SEAM_PAUSE_ENV = "COMMON_TEST_SEAM_PAUSE_CHECKPOINT_AT_EPOCH"
+TEST_SEAM_PAUSE_SECONDS = 60.0
+
+
+def _test_seam_pause(epoch: int, logger: logging.Logger) -> Callable[[str], None] | None:
+    """The ``before_replace`` of the save of ``epoch`` that :data:`TEST_SEAM_PAUSE_ENV` asks for, or None."""
+    wanted = os.environ.get(TEST_SEAM_PAUSE_ENV, "").strip()
+    if not wanted or int(wanted) != epoch:
+        return None
+
+    def pause(tmp: str) -> None:
+        logger.info(f"pausing before the rename of {tmp} ({TEST_SEAM_PAUSE_ENV}={wanted})")
+        time.sleep(TEST_SEAM_PAUSE_SECONDS)
+
+    return pause

@@ -1,5 +1,5 @@
 """The harness catches what it promises to: each planted defect in a copy of the example bundle fails the check
-that owns it, with a message naming the bundle and the problem."""
+that owns it, with a message naming the bundle and the problem; a training that does not learn fails it too."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.bundle import checks
-from common.bundle.pipeline import prepare_data, run_pipeline
+from common.bundle.pipeline import PipelineResult, prepare_data, run_pipeline
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_bundle")
 
@@ -110,3 +110,43 @@ def test_broken_pipeline_stage_names_the_stage(bundle, tmp_path):
     torch.save({}, work / "checkpoints" / "model.pt")
     with pytest.raises(Exception, match=r"bundle broken_bundle, stage 'inference' exited with"):
         run_pipeline(bundle, str(work), stages=["inference"])
+
+
+def _learning(bundle: str, tmp_path, **learning) -> checks.LearningResult:
+    _edit_json(os.path.join(bundle, "configs/pipeline.json"), lambda p: p.update(learning=learning))
+    result = run_pipeline(bundle, str(tmp_path / "work"), stages=["train"])
+    return checks.check_learning(bundle, result)
+
+
+@pytest.mark.slow
+def test_a_training_that_does_not_lower_its_loss_fails_the_learning_check(bundle, tmp_path):
+    frozen = {"epochs": 8, "val_interval": 1000, "learning_rate": 0.0}
+    with pytest.raises(checks.BundleCheckError, match=r"broken_bundle: training did not lower its loss by 5% in 8"):
+        _learning(bundle, tmp_path, stages={"train": frozen})
+
+
+@pytest.mark.slow
+def test_a_model_no_better_than_an_untrained_one_fails_the_learning_check(bundle, tmp_path):
+    untrained = str(tmp_path / "work" / "train_via_run" / "untrained.pt")  # evaluated in place of the trained model
+    with pytest.raises(checks.BundleCheckError, match=r"no better than an untrained one .*: mean_dice (\S+) vs \1$"):
+        _learning(bundle, tmp_path, evaluate_overrides={"ckpt_path": untrained})
+
+
+def test_the_learning_check_refuses_unknown_settings_and_an_opt_out_without_reason(bundle, tmp_path):
+    not_run = PipelineResult("broken_bundle", "", "", str(tmp_path))  # refused before anything runs
+    for learning, match in [({"epochs": 3}, r"'learning' has unknown keys \['epochs'\]"),
+                            ({"stages": {"evaluate": {}}}, r"must name the train stage"),
+                            ({"compare_untrained": False}, "compare_untrained false needs an untrained_reason")]:  # fmt: skip
+        _edit_json(os.path.join(bundle, "configs/pipeline.json"), lambda p, new=learning: p.update(learning=new))
+        with pytest.raises(checks.BundleCheckError, match=match):
+            checks.check_learning(bundle, not_run)
+
+
+def test_epoch_losses_average_the_iterations_of_each_epoch():
+    log = (
+        "2026 - INFO - Epoch: 1/2, Iter: 1/2 -- train_loss: 1.0000 \n"
+        "2026 - INFO - Epoch: 1/2, Iter: 2/2 -- train_loss: 0.5000 \n"
+        "2026 - INFO - Epoch: 2/2, Iter: 1/2 -- other_loss: 9.0 \n"
+        "2026 - INFO - Epoch: 2/2, Iter: 1/2 -- train_loss: 0.2500 \n"
+    )
+    assert checks.epoch_losses(log) == [0.75, 0.25]

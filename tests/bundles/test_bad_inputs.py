@@ -3,10 +3,10 @@
 For each bundle, one synthetic dataset in a real layout holds one clean case per defect of
 :mod:`common.data.synthetic.defects` plus clean cases, and three bundle runs (module-scoped, shared by the tests):
 
-- inference over the good case and every defective case: exit status 0; each case with a damaged image file is
-  skipped with one warning naming the file and the problem and gets no output; the good case, the cases whose
-  only damage is in the label (inference does not read labels) and the benign cases are written on their
-  input's grid and affine;
+- inference over the good case and every defective case: each case with a damaged image file is skipped with one
+  warning naming the file and the problem and gets no output; the good case, the cases whose only damage is in the
+  label (inference does not read labels) and the benign cases are written on their input's grid and affine; the
+  run ends with exit status 2 and one error listing every skipped case;
 - training over the good case and every fatal defect: exit status 2 before anything is built, one stderr line
   per problem naming the file, no traceback, no checkpoint and no output file;
 - one tiny training epoch (the test profile of ``configs/pipeline.json``) over the good and the benign cases:
@@ -14,6 +14,10 @@ For each bundle, one synthetic dataset in a real layout holds one clean case per
 
 Every training config (multi-GPU, evaluation and COVID's pseudo-masks included) is also shown, in process, to
 refuse the fatal datalist in ``initialize``; the combinations that do not exist are listed in ``NOT_MEANINGFUL``.
+
+Beyond the integrity check: a problem that only a transform finds (a chest CT without lungs, one too small to be a
+chest CT) skips that case the same way; an empty ``testing`` list and a missing checkpoint say what to do; and the
+cases with several outputs (MedSegDiff, DC2Fusion) are written as a set, all files or none.
 
 The brain bundles use two layouts between them, so that "three channels where four are expected" is tested in
 both forms: HLWA on ``brats2021`` (a 4D 3-channel file where a 3D modality is expected) and MedSegDiff on
@@ -39,7 +43,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import MetaTensor
 
 from common.bundle.pipeline import load_pipeline, stage_command, stage_overrides
 from common.cli import data_error_message
@@ -47,6 +53,7 @@ from common.data.datalist import build_datalist, save_datalist
 from common.data.synthetic.defects import BENIGN_DEFECTS, DEFECTS, applicable_defects, eligible_cases, plant_defect
 from common.data.synthetic.write import write_synthetic_dataset
 from common.data.writers import save_nifti
+from common.errors import DataError
 from common.io import partial_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,14 +212,20 @@ def _prepare(name: str, root: str) -> Prepared:
     return prepared
 
 
-def _network_checkpoint(prepared: Prepared, path: str) -> str:
+def _network_checkpoint(bundle_dir: str, path: str) -> str:
     """A checkpoint of the inference network in its test size (inference is checked, not accuracy)."""
-    overrides = stage_overrides(prepared.stages["inference"], "test")
-    parser = ConfigParser()
-    parser.read_config(os.path.join(prepared.bundle_dir, "configs", "inference.json"))
-    parser.update({k: v for k, v in overrides.items() if k.startswith("network_def")})
+    parser = _inference_parser(bundle_dir)
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
     return path
+
+
+def _inference_parser(bundle_dir: str, **overrides: Any) -> ConfigParser:
+    """The bundle's inference config with the test profile's network and grid, and ``overrides``."""
+    stage = next(s for s in load_pipeline(bundle_dir)["stages"] if s["name"] == "inference")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle_dir, "configs", "inference.json"))
+    parser.update({**stage_overrides(stage, "test"), **overrides})
+    return parser
 
 
 def _run(prepared: Prepared, stage_name: str, datalist: str, label: str, **extra: Any) -> Run:
@@ -260,7 +273,7 @@ def inference_runs(prepared) -> Callable[[str], Run]:
         if name not in cache:
             p = prepared(name)
             os.makedirs(p.work, exist_ok=True)
-            ckpt = _network_checkpoint(p, os.path.join(p.work, "random_init.pt"))
+            ckpt = _network_checkpoint(p.bundle_dir, os.path.join(p.work, "random_init.pt"))
             cache[name] = _run(p, "inference", p.datalists["inference"], "inference", ckpt_path=ckpt)
         return cache[name]
 
@@ -329,11 +342,18 @@ def _assert_written_on_input_grid(prepared: Prepared, run: Run, item: dict[str, 
 # ------------------------------------------------------------------------------------------- inference
 
 
+def _skipped_in_summary(run: Run) -> list[str]:
+    """The ``<case>: <reason>`` lines of the final error listing the skipped cases (empty when there is none)."""
+    lines = run.stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if re.match(r"error: .*: \d+ of \d+ cases skipped", line)), None)
+    return [] if first is None else lines[first + 1 :]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, defect", COMBINATIONS)
 def test_inference_skips_or_handles_each_defect(name, defect, prepared, inference_runs):
     p, run = prepared(name), inference_runs(name)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
     item, paths = p.planted[defect]
     damaged_images = set(paths) & _image_files(item, p.data_dir)
     case = f"{item['subject']}/{item['case']}" if "subject" in item else item["case"]  # as the check names it
@@ -346,15 +366,26 @@ def test_inference_skips_or_handles_each_defect(name, defect, prepared, inferenc
         named = [f for f in damaged_images if f"{f}: " in warnings[0]]
         assert named and re.search(PROBLEM_WORDS[defect], warnings[0].split(named[0], 1)[1]), warnings[0]
         assert _outputs_of(run, item["case"]) == []
+        assert [line for line in _skipped_in_summary(run) if line.startswith(f"{item['case']}: ")] == [
+            f"{item['case']}: {warnings[0].split(f'skipping case {case}: ', 1)[1]}"
+        ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUNDLES)
 def test_inference_writes_good_case_and_leaves_no_partial_file(name, prepared, inference_runs):
     p, run = prepared(name), inference_runs(name)
-    assert run.returncode == 0 and "Traceback" not in run.stdout + run.stderr
+    assert run.returncode == 2 and "Traceback" not in run.stdout + run.stderr
     _assert_written_on_input_grid(p, run, p.good)
     assert not [f for f in os.listdir(run.output_dir) if ".partial-" in f]
+    skipped = _skipped_in_summary(run)
+    testing = len(p.planted) + 1
+    assert re.search(
+        rf"error: {re.escape(run.output_dir)}: {len(skipped)} of {testing} cases skipped, the other "
+        rf"{testing - len(skipped)} written:",
+        run.stderr,
+    ), run.stderr[-3000:]
+    assert skipped and run.stderr.rstrip().endswith(skipped[-1])
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -377,6 +408,132 @@ def test_inference_without_any_good_case_is_one_clear_error(name, prepared, tmp_
         parser.get_parsed_content("datalist")
     message = data_error_message(err.value)
     assert message is not None and "no usable case" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_an_empty_testing_list_says_so_and_how_to_run_on_another_list_or_on_files(name, tmp_path):
+    keys = ("mri", "pet") if BUNDLES[name].layout == "adni_pairs" else ("image",)
+    path = str(tmp_path / "datalist.json")
+    training = [{"case": "a", **{k: f"a_{k}.nii.gz" for k in keys}}]
+    save_datalist({"layout": BUNDLES[name].layout, "training": training, "validation": [], "testing": []}, path)
+    parser = _inference_parser(os.path.join(REPO_ROOT, "bundles", BUNDLES[name].folder))
+    parser.update({"dataset_dir": str(tmp_path), "data_list_file_path": path})
+    with pytest.raises(RuntimeError) as err:
+        parser.get_parsed_content("datalist")
+    message = data_error_message(err.value)
+    assert message is not None and message.startswith(f"{path}: the datalist's 'testing' list is empty"), message
+    assert "another list of this datalist (it has 'training') with --inference_list <name>" in message
+    assert (
+        "files of your own with --datalist \"[{'case': 'my_case', "
+        + ", ".join(f"'{k}': '/path/{k}.nii.gz'" for k in keys)
+        in message
+    )
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_a_missing_checkpoint_names_the_training_command_that_writes_it(name, tmp_path):
+    bundle_dir = os.path.join(REPO_ROOT, "bundles", BUNDLES[name].folder)
+    missing = str(tmp_path / "runs" / "checkpoints" / "model.pt")
+    loader = _inference_parser(bundle_dir, ckpt_path=missing, device="cpu").get_parsed_content("handlers#0")
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs = 1
+    with pytest.raises(DataError) as err:
+        loader(engine)
+    command = "python -m monai.bundle run training --config_file configs/train.json"
+    assert str(err.value).startswith(f"{missing}: checkpoint file not found: it is written by `{command} ")
+    assert f"--ckpt_dir {os.path.dirname(missing)}`" in str(err.value)
+
+
+def _chest_ct_without_lungs(ct: np.ndarray) -> np.ndarray:
+    """The CT with its lungs filled with soft tissue (40 HU), air left only in a one-voxel frame around the body."""
+    out = np.where(ct < -320, 40, ct).astype(np.int16)
+    out[[0, -1], :, :] = -1000
+    out[:, [0, -1], :] = -1000
+    return out
+
+
+@pytest.mark.slow
+def test_a_problem_found_by_a_transform_skips_that_case_and_the_others_are_written(tmp_path):
+    """COVID inference on files of one's own (``--datalist``): a CT whose lungs cannot be found and a CT under the
+    32 x 32 in-plane matrix of a chest CT pass no integrity check first (none runs on such a list) and fail inside
+    the lung preprocessing; each is skipped with one line, the good CT is written, exit status 2 lists both."""
+    spec = BUNDLES["covid"]
+    bundle_dir = os.path.join(REPO_ROOT, "bundles", spec.folder)
+    data = str(tmp_path / "data")
+    write_synthetic_dataset(spec.layout, data, num_cases=5, shape=spec.shape, seed=0, progress=False)
+    good = build_datalist(spec.layout, data, seed=0, progress=False)["training"][0]
+    good_path = os.path.join(data, good["image"])
+    img = nib.load(good_path)
+    ct = np.asarray(img.dataobj)
+    own = {"no_lung": _chest_ct_without_lungs(ct), "tiny": ct[16:40, 16:40, :]}  # 24 x 24 in-plane
+    items = [{"case": "good", "image": good_path}]
+    for case, array in own.items():
+        items.append({"case": case, "image": save_nifti(array, img.affine, str(tmp_path / f"{case}.nii.gz"), np.int16)})
+    out = str(tmp_path / "out")
+    overrides = {
+        "datalist": repr(items),  # as a user types it: --datalist "[{'case': ..., 'image': ...}, ...]"
+        "output_dir": out,
+        "ckpt_path": _network_checkpoint(bundle_dir, str(tmp_path / "random_init.pt")),
+        "device": "cpu",
+        **stage_overrides(next(s for s in load_pipeline(bundle_dir)["stages"] if s["name"] == "inference"), "test"),
+    }
+    stage = next(s for s in load_pipeline(bundle_dir)["stages"] if s["name"] == "inference")
+    proc = subprocess.run(
+        stage_command(stage, overrides),
+        cwd=bundle_dir,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    run = Run(proc.returncode, proc.stdout, proc.stderr, out, "")
+    assert run.returncode == 2 and "Traceback" not in run.stdout + run.stderr, run.stdout[-3000:] + run.stderr
+    problems = {"no_lung": "no lung found", "tiny": r"CT volume too small: shape \(16, 24, 24\)"}
+    for case, problem in problems.items():
+        path = str(tmp_path / f"{case}.nii.gz")
+        lines = [line for line in run.stdout.splitlines() if f"skipping case {case}: " in line]
+        assert len(lines) == 1 and re.search(f"skipping case {case}: {re.escape(path)}: {problem}", lines[0]), lines
+        assert _outputs_of(run, case) == []
+    assert [line.split(":")[0] for line in _skipped_in_summary(run)] == ["no_lung", "tiny"]
+    assert f"error: {out}: 2 of 3 cases skipped, the other 1 written:" in run.stderr
+    written = nib.load(os.path.join(out, "good_seg.nii.gz"))
+    assert written.shape == img.shape and np.allclose(written.affine, img.affine, atol=1e-4)
+
+
+def test_medsegdiff_writes_mask_mean_and_uncertainty_as_a_set(tmp_path):
+    bundle_dir = os.path.join(REPO_ROOT, "bundles", BUNDLES["medsegdiff"].folder)
+    writers = _inference_parser(bundle_dir, output_dir=str(tmp_path)).get_parsed_content("writers")
+    pred = MetaTensor(torch.ones(1, 8, 8, 8), affine=torch.eye(4))
+    writers({"case": "a", "pred": pred, "pred_mean": pred, "pred_uncertainty": pred})
+    assert sorted(os.listdir(tmp_path)) == ["a_mean.nii.gz", "a_seg.nii.gz", "a_uncertainty.nii.gz"]
+    with pytest.raises(RuntimeError):  # the last output cannot be written: neither are the first two
+        writers({"case": "b", "pred": pred, "pred_mean": pred, "pred_uncertainty": torch.ones(1, 8, 8, 8)})
+    assert sorted(os.listdir(tmp_path)) == ["a_mean.nii.gz", "a_seg.nii.gz", "a_uncertainty.nii.gz"]
+
+
+def test_dc2fusion_writes_the_fused_volume_and_its_panel_as_a_set(tmp_path, monkeypatch):
+    spec = BUNDLES["dc2fusion"]
+    bundle_dir = os.path.join(REPO_ROOT, "bundles", spec.folder)
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    write_synthetic_dataset(spec.layout, data, num_cases=2, shape=spec.shape, seed=0, progress=False)
+    item = build_datalist(spec.layout, data, seed=0, progress=False)["training"][0]
+    parser = _inference_parser(bundle_dir, output_dir=out)
+    case = parser.get_parsed_content("preprocessing")(
+        {**item, "mri": os.path.join(data, item["mri"]), "pet": os.path.join(data, item["pet"])}
+    )
+    case["pred"] = case["image"][:1].clone()  # what the network returns: one channel on the input grid
+    postprocessing = parser.get_parsed_content("postprocessing")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("common.data.writers.save_nifti", disk_full)  # the fused NIfTI, written after the panel
+    with pytest.raises(RuntimeError, match="applying transform"):
+        postprocessing(dict(case))
+    assert not os.path.exists(out) or os.listdir(out) == []  # no panel without its fused volume
+    monkeypatch.undo()
+    postprocessing(dict(case))
+    assert sorted(os.listdir(out)) == [f"{item['case']}_fused.nii.gz", f"{item['case']}_panel.png"]
 
 
 # ------------------------------------------------------------------------------------------- training

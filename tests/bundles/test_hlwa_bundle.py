@@ -1,6 +1,6 @@
 """HLWA-UNet bundle beyond the shared harness: multi-GPU config under torchrun (gloo, CPU), the MSD Task01 and
-BraTS 2023 layouts end to end with outputs in each dataset's own label convention, and evaluation with a
-modality missing."""
+BraTS 2023 layouts end to end with labels read and outputs written in each dataset's own label convention, and
+evaluation with a modality missing."""
 
 import json
 import os
@@ -10,6 +10,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
 from common.bundle.pipeline import load_pipeline, run_stage, stage_overrides
 from common.data.datalist import build_datalist, save_datalist
@@ -74,6 +76,40 @@ def test_torchrun_two_processes_train_one_epoch_on_cpu(tmp_path):
     assert os.path.isfile(tmp_path / "checkpoints" / "model.pt")  # rank 0 validated and saved
 
 
+#: label value -> (TC, WT, ET) of each convention, written out here rather than taken from common/data/labels.py
+REGIONS_OF = {
+    "msd_task01": {0: (0, 0, 0), 1: (0, 1, 0), 2: (1, 1, 0), 3: (1, 1, 1)},  # 1 edema, 2 non-enhancing, 3 enhancing
+    "brats2023": {0: (0, 0, 0), 1: (1, 1, 0), 2: (0, 1, 0), 3: (1, 1, 1)},  # 1 necrotic core, 2 edema, 3 enhancing
+}
+
+
+def _component(parser: ConfigParser, transforms_id: str, target: str):
+    """The parsed transform of ``transforms_id`` whose ``_target_`` is ``target``."""
+    (index,) = [i for i, t in enumerate(parser.get(transforms_id)) if t["_target_"] == target]
+    return parser.get_parsed_content(f"{transforms_id}#{index}")
+
+
+def _assert_labels_in_their_own_convention(layout: str, data: str, datalist: str) -> None:
+    """Training turns a case's label file into the TC/WT/ET regions the network learns, and inference turns regions
+    back into label values, both in the layout's own convention (an edema/non-enhancing swap fails here)."""
+    item = next(it for it in json.loads(open(datalist).read())["testing"] if "label" in it)
+    label = np.asarray(nib.load(os.path.join(data, item["label"])).dataobj).astype(np.uint8)
+    table = REGIONS_OF[layout]
+    expected = np.stack([np.isin(label, [v for v, r in table.items() if r[c]]) for c in range(3)])
+    assert expected[1].any() and (expected[1] & ~expected[0]).any() and (expected[0] & ~expected[2]).any()
+    configs = {}
+    for name in ("train", "inference"):
+        configs[name] = ConfigParser()
+        configs[name].read_config(os.path.join(BUNDLE, "configs", f"{name}.json"))
+        configs[name].update({"dataset_dir": data, "data_list_file_path": datalist})
+    to_regions = _component(configs["train"], "load_transforms", "common.data.labels.LabelsToRegionsd")
+    regions = to_regions({"label": torch.as_tensor(label[None])})["label"]
+    np.testing.assert_array_equal(np.asarray(regions).astype(bool), expected)
+    to_labels = _component(configs["inference"], "postprocessing#transforms", "common.data.labels.RegionsToLabelsd")
+    written = to_labels({"pred": torch.as_tensor(expected.astype(np.float32))})["pred"]
+    np.testing.assert_array_equal(np.asarray(written)[0], label)
+
+
 @pytest.mark.slow
 def test_msd_and_brats2023_layouts_end_to_end(tmp_path):
     work = str(tmp_path / "work")
@@ -92,6 +128,7 @@ def test_msd_and_brats2023_layouts_end_to_end(tmp_path):
         ("msd_task01", msd, msd_list, {0, 1, 2, 3}),
         ("brats2023", *_dataset(tmp_path, "brats2023"), {0, 1, 2, 3}),
     ]:
+        _assert_labels_in_their_own_convention(layout, data, datalist)
         out_dir = os.path.join(work, f"pred_{layout}")
         run_stage(
             BUNDLE,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import common.engines.checkpoint as ckpt_module
 from common.engines.checkpoint import (
-    PAUSE_AT_EPOCH_ENV,
+    TEST_SEAM_PAUSE_ENV,
     BestModelSaver,
     FinalModelSaver,
     ResumableCheckpoint,
@@ -78,7 +82,7 @@ def test_save_leaves_the_previous_checkpoint_intact_when_serialisation_fails(tmp
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left either
 
 
-def test_pause_hook_stops_inside_the_save_with_a_complete_temporary_file(tmp_path, monkeypatch):
+def test_test_seam_pauses_inside_the_save_with_a_complete_temporary_file(tmp_path, monkeypatch):
     trainer, *_ = _trainer(tmp_path, max_epochs=2, resume=False, seed=0)
     seen = []
 
@@ -89,10 +93,10 @@ def test_pause_hook_stops_inside_the_save_with_a_complete_temporary_file(tmp_pat
         before = load_checkpoint(tmp_path / "last.ckpt")["trainer"]  # the final name still holds epoch 1
         seen.append((seconds, inside["iteration"], before["iteration"]))
 
-    monkeypatch.setenv(PAUSE_AT_EPOCH_ENV, "2")
+    monkeypatch.setenv(TEST_SEAM_PAUSE_ENV, "2")
     monkeypatch.setattr(ckpt_module.time, "sleep", fake_sleep)
     trainer.run()
-    assert seen == [(ckpt_module.PAUSE_SECONDS, 6, 3)]
+    assert seen == [(ckpt_module.TEST_SEAM_PAUSE_SECONDS, 6, 3)]
     assert load_checkpoint(tmp_path / "last.ckpt")["trainer"]["iteration"] == 6
 
 
@@ -246,7 +250,7 @@ def test_best_model_saver_keeps_the_best_as_a_plain_state_dict(tmp_path):
         kept = load_checkpoint(tmp_path / "model.pt")
         assert set(kept) == {"weight", "bias"}
         assert kept["weight"].flatten()[0].item() == (1.0 if epoch < 4 else 4.0)
-    assert saver.state_dict() == {"best_metric": 0.6, "best_metric_epoch": 4}
+    assert saver.state_dict() == {"best_metric": 0.6, "best_metric_epoch": 4, "best_metric_name": "dice"}
     lower = BestModelSaver(str(tmp_path), net, filename="low.pt", key_metric_name="loss", greater_is_better=False)
     lower.load_state_dict({"best_metric": 0.2, "best_metric_epoch": 1})
     assert lower.is_better(0.1) and not lower.is_better(0.3)
@@ -258,6 +262,145 @@ def test_final_model_saver_writes_when_training_completes(tmp_path):
     FinalModelSaver(str(tmp_path), net, filename="generator.pt").attach(engine)
     engine.run([0], max_epochs=2)
     assert torch.equal(load_checkpoint(tmp_path / "generator.pt")["weight"], net.weight)
+
+
+def _validating_trainer(tmp_path, max_epochs: int, validate_at: dict[int, float]):
+    """A trainer whose model file is kept by a FinalModelSaver and a BestModelSaver, with a fake validation giving
+    ``validate_at[epoch]`` as the metric at the end of those epochs (attached after the saver, as in the configs)."""
+    trainer, net, _, _, best = _trainer(tmp_path, max_epochs=max_epochs, resume=False, seed=0)
+    FinalModelSaver(str(tmp_path), net, best_model_saver=best).attach(trainer)
+    weights = {}
+
+    def validate(engine):
+        weights[engine.state.epoch] = net.weight.detach().clone()
+        if engine.state.epoch in validate_at:
+            evaluator = Engine(lambda e, b: None)
+            evaluator.state.key_metric_name = "dice"
+            evaluator.state.epoch, evaluator.state.metrics = (
+                engine.state.epoch,
+                {"dice": validate_at[engine.state.epoch]},
+            )
+            best(evaluator)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    return trainer, net, weights
+
+
+def test_without_a_validation_the_final_weights_are_saved_with_a_line_saying_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    trainer, net, weights = _validating_trainer(tmp_path, max_epochs=2, validate_at={})
+    ends = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: ends.append(load_checkpoint(tmp_path / "model.pt")))
+    trainer.run()
+    # written at the end of every epoch (what a kill leaves), then at the end: the final weights
+    assert [torch.equal(kept["weight"], weights[i + 1]) for i, kept in enumerate(ends)] == [True, True]
+    assert torch.equal(load_checkpoint(tmp_path / "model.pt")["weight"], net.weight)
+    assert (
+        f"training completed, before any validation result: saved the final weights (epoch 2, iteration 6) to "
+        f"{tmp_path / 'model.pt'}" in caplog.text
+    )
+
+
+def test_after_a_validation_the_best_validated_weights_are_kept(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    trainer, net, weights = _validating_trainer(tmp_path, max_epochs=3, validate_at={2: 0.5, 3: 0.25})
+    trainer.run()
+    kept = load_checkpoint(tmp_path / "model.pt")
+    assert torch.equal(kept["weight"], weights[2]) and not torch.equal(kept["weight"], net.weight)
+    assert f"training completed: {tmp_path / 'model.pt'} holds the best validated weights (epoch 2, dice 0.5000)" in (
+        caplog.text
+    )
+
+
+def test_a_run_stopped_early_saves_the_weights_it_stopped_with(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    trainer, net, _ = _validating_trainer(tmp_path, max_epochs=3, validate_at={})
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=5), lambda e: e.terminate())
+    trainer.run()
+    assert trainer.state.iteration == 5
+    assert torch.equal(load_checkpoint(tmp_path / "model.pt")["weight"], net.weight)
+    assert "training stopped early, before any validation result: saved the final weights (epoch 2, iteration 5)" in (
+        caplog.text
+    )
+    assert load_checkpoint(tmp_path / "last.ckpt")["trainer"]["iteration"] == 3  # the last completed epoch
+
+
+_SIGTERM_SCRIPT = """
+import logging, sys, time, torch
+from monai.engines import SupervisedTrainer
+from ignite.engine import Events
+from common.engines.checkpoint import BestModelSaver, FinalModelSaver
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+torch.manual_seed(0)
+net = torch.nn.Linear(3, 1)
+best = BestModelSaver(sys.argv[1], net)
+items = [{"image": torch.randn(3), "label": torch.randn(1)} for _ in range(50)]
+trainer = SupervisedTrainer(
+    device="cpu", max_epochs=2, train_data_loader=torch.utils.data.DataLoader(items, batch_size=1), network=net,
+    optimizer=torch.optim.SGD(net.parameters(), lr=0.01), loss_function=torch.nn.MSELoss(),
+    train_handlers=[FinalModelSaver(sys.argv[1], net, best_model_saver=best)],
+)
+
+@trainer.on(Events.ITERATION_COMPLETED)
+def slowly(engine):
+    torch.save(net.state_dict(), sys.argv[1] + "/at_iteration.pt")
+    print("iteration", engine.state.iteration, flush=True)
+    time.sleep(0.1)
+
+trainer.run()
+print("not reached", flush=True)
+"""
+
+
+def test_sigterm_stops_after_the_iteration_saves_the_weights_and_ends_the_process_by_sigterm(tmp_path):
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SIGTERM_SCRIPT, str(tmp_path)], stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 120
+    while "iteration 3\n" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM, log.read_text()
+    text = log.read_text()
+    last = int([line for line in text.splitlines() if line.startswith("iteration ")][-1].split()[1])
+    assert 3 <= last < 50 and "not reached" not in text  # stopped within epoch 1, after the iteration in progress
+    assert "SIGTERM: training stops after the iteration (or validation) in progress" in text
+    assert (
+        f"training stopped by SIGTERM, before any validation result: saved the final weights (epoch 1, iteration "
+        f"{last}) to {tmp_path / 'model.pt'}" in text
+    )
+    assert _same_weights(load_checkpoint(tmp_path / "model.pt"), load_checkpoint(tmp_path / "at_iteration.pt"))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_final_model_saver_refuses_a_best_model_saver_of_another_file(tmp_path):
+    net = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="they must keep one file"):
+        FinalModelSaver(str(tmp_path), net, best_model_saver=BestModelSaver(str(tmp_path), net, filename="best.pt"))
+
+
+def test_a_missing_model_file_names_the_training_command_that_writes_it(tmp_path):
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs = 1
+    command = "python -m monai.bundle run training --config_file configs/train.json"
+    loader = SafeCheckpointLoader(str(tmp_path / "models" / "model.pt"), {"model": torch.nn.Linear(3, 1)})
+    with pytest.raises(DataError) as err:
+        SafeCheckpointLoader(
+            str(tmp_path / "models" / "model.pt"), {"model": torch.nn.Linear(3, 1)}, training_command=command
+        )(engine)
+    assert str(err.value) == (
+        f"{tmp_path / 'models' / 'model.pt'}: checkpoint file not found: it is written by `{command} --dataset_dir "
+        f"<data> --data_list_file_path <datalist> --ckpt_dir {tmp_path / 'models'}` (run from the bundle folder); "
+        "or pass --ckpt_path <a model file>"
+    )
+    with pytest.raises(DataError, match="the bundle's training writes it into its --ckpt_dir"):
+        loader(engine)
 
 
 def test_safe_checkpoint_loader_loads_weights_and_refuses_pickles_and_training_checkpoints(tmp_path):

@@ -69,12 +69,38 @@ def test_multiscale_block_is_residual():
 
 
 def test_discriminator_patch_logits():
+    torch.manual_seed(0)
     disc = PatchDiscriminator3D(channels=(8, 16, 32))
-    out = disc(torch.rand(3, 1, 16, 32, 32))
+    x = torch.rand(3, 1, 16, 32, 32, requires_grad=True)
+    out = disc(x)
     assert out.shape == (3, 1, 2, 4, 4)
-    out.mean().backward()
+    out[0].sum().backward()
+    # every layer learns, and the input gets the gradient the generator's adversarial loss trains on
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
+    assert x.grad[0].abs().sum() > 0 and torch.isfinite(x.grad).all()
+    # one volume's logits do not depend on the others of the batch (no batch statistics mixing real and fake)
+    assert torch.count_nonzero(x.grad[1:]) == 0
     with pytest.raises(ValueError, match=">= 8"):
         disc(torch.rand(1, 1, 4, 32, 32))
+
+
+def test_discriminator_learns_to_tell_two_kinds_of_volume_apart():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator3D(channels=(4, 8))
+    opt = torch.optim.Adam(disc.parameters(), lr=3e-3)
+    bce = torch.nn.BCEWithLogitsLoss()
+    real = torch.rand(4, 1, 8, 16, 16)
+    fake = torch.nn.functional.avg_pool3d(torch.rand(4, 1, 8, 16, 16), 3, 1, 1)  # smoother than the real ones
+    losses = []
+    for _ in range(40):
+        loss = bce(disc(real), torch.ones(4, 1, 2, 4, 4)) + bce(disc(fake), torch.zeros(4, 1, 2, 4, 4))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        assert disc(real).mean() > 0 > disc(fake).mean()  # real patches score above fake ones
 
 
 def test_fractal_noise_is_smooth_and_normalised():
