@@ -35,7 +35,8 @@ from ignite.engine import Engine, Events
 from monai.transforms import Transform
 
 from common.cli import data_error_message
-from common.data.decathlon import PATH_KEYS, datalist_info, load_datalist
+from common.data.decathlon import datalist_info, load_datalist
+from common.data.layouts import path_keys
 from common.data.integrity import screen_items
 from common.errors import DataError
 
@@ -56,7 +57,7 @@ def _example_item(content: Mapping[str, Any]) -> str:
     """``{'case': ..., <path keys>: ...}`` shaped like the items of the datalist's other lists, for a message."""
     first = next((items[0] for items in _case_lists(content).values()), {})
     parts = ["'case': 'my_case'"]
-    for key in PATH_KEYS:
+    for key in path_keys():
         value = first.get(key)
         if key == "label" or value is None:
             continue

@@ -458,7 +458,7 @@ def screen_items(items: list[dict], layout: str, skipped: list[tuple[dict, str]]
         else:
             good.append(item)
     if not good:
-        files = [f for it in items for key in ("image", "label", "mri", "pet") for f in _as_list(it.get(key))]
+        files = [f for it in items for key in get_layout(layout).path_keys for f in _as_list(it.get(key))]
         where = os.path.commonpath([os.path.abspath(f) for f in files]) if files else "<no item>"
         raise DataError(where, f"no usable case: all {len(items)} failed the integrity check (see the warnings)")
     return good
