@@ -316,6 +316,9 @@ def measure(
     from common.engines.acceleration import prepare_network
 
     dev = torch.device(device)
+    if dev.type == "cuda":  # peaks per measurement also when one child measures several (see run_benchmark)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
     net, inputs = build(network, inp, "explicit" if switch == "flops" else switch, tiny, brain_roi)
     amp = switch in ("bf16", "fp16")
@@ -399,33 +402,53 @@ def measure(
     return result
 
 
-def child_main(spec_json: str) -> None:
-    """Entry point of one measurement child: ``spec_json`` holds :func:`measure`'s arguments (and ``threads``);
-    prints one JSON line."""
-    spec = json.loads(spec_json)
+def _measure_one(spec: dict[str, Any]) -> dict[str, Any]:
+    spec = dict(spec)
     threads = spec.pop("threads", None)
     if threads:
         torch.set_num_threads(int(threads))
     if "peak_dtype" in spec:
-        print(json.dumps({"peak_flops": matmul_peak(spec["device"], spec["peak_dtype"])}))
+        return {"peak_flops": matmul_peak(spec["device"], spec["peak_dtype"])}
+    return measure(**spec)
+
+
+def child_main(spec_json: str) -> None:
+    """Entry point of a measurement child: ``spec_json`` holds :func:`measure`'s arguments (and ``threads``), or a
+    list of them (CUDA only, where each measurement resets the peak statistics); prints one JSON line, an object or
+    a list of objects (``{"error": ...}`` for one that failed)."""
+    spec = json.loads(spec_json)
+    if isinstance(spec, dict):
+        print(json.dumps(_measure_one(spec)))
         return
-    print(json.dumps(measure(**spec)))
+    results = []
+    for one in spec:
+        try:
+            results.append(_measure_one(one))
+        except Exception as err:  # reported in the table; the next measurement still runs
+            results.append({"error": f"{type(err).__name__}: {err}"[:300]})
+    print(json.dumps(results))
 
 
 # ---------------------------------------------------------------- the benchmark (parent process)
 
 
-def _run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run :func:`child_main` in a fresh interpreter; an error or a timeout becomes ``{"error": ...}``."""
+def _run_child(spec: dict[str, Any] | list[dict[str, Any]], timeout_s: float) -> Any:
+    """Run :func:`child_main` in a fresh interpreter; an error or a timeout becomes ``{"error": ...}`` (for each
+    measurement of a list)."""
     cmd = [sys.executable, "-m", "common.benchmarks.speed", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
+        failed = {"error": f"timed out after {timeout_s:.0f} s"}
+        return [failed] * len(spec) if isinstance(spec, list) else failed
     if out.returncode != 0:
         lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines[-1] if lines else f"exit status {out.returncode}")[:300], "stderr": out.stderr[-3000:]}
+        failed = {
+            "error": (lines[-1] if lines else f"exit status {out.returncode}")[:300],
+            "stderr": out.stderr[-3000:],
+        }
+        return [failed] * len(spec) if isinstance(spec, list) else failed
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -524,25 +547,33 @@ def run_benchmark(
         res = _run_child({**base, "peak_dtype": dtype}, timeout_s)
         results["peak_flops"][dtype] = res.get("peak_flops")
         progress(f"measured matmul peak, {dtype}", res)
+    trace_dir = os.path.join(work_dir, "traces") if profile else None
+    specs = {
+        p: {**base, "network": p[0], "inp": p[1], "mode": p[2], "switch": p[3], "repeats": repeats, "profile": profile,
+            "warmup": max(warmup, 2) if p[3] == "compile" else warmup, "trace_dir": trace_dir}  # compile: first calls
+        for p in plan
+    }  # fmt: skip
     flops: dict[tuple[str, str, str], int | None] = {}
-    for n, i, m in groups:
-        res = _run_child({**base, "network": n, "inp": i, "mode": m, "switch": "flops"}, timeout_s)
-        flops[(n, i, m)] = res.get("flops_per_call")
-        progress(f"{n} {i} {m}: FLOPs", res)
-    for n, i, m, s in plan:
-        spec = {**base, "network": n, "inp": i, "mode": m, "switch": s, "repeats": repeats, "warmup": warmup}
-        spec["warmup"] = max(warmup, 2) if s == "compile" else warmup  # the first calls compile
-        spec.update(profile=profile, trace_dir=os.path.join(work_dir, "traces") if profile else None)
-        res = _run_child(spec, timeout_s)
-        progress(f"{n} {i} {m} {variant_label(n, s)}", res)
-        row = {"network": n, "input": i, "mode": m, "switch": s, "variant": variant_label(n, s), **res}
-        per_call = flops.get((n, i, m))
-        if per_call is not None and "median_s" in res:
-            row["flops"] = per_call * (res["calls"] if m == "infer" else 1)
-            row["flops_per_s"] = row["flops"] / res["median_s"]
-            peak = results["peak_flops"].get({"bf16": "bfloat16", "fp16": "float16"}.get(s, "float32"))
-            row["fraction_of_peak"] = row["flops_per_s"] / peak if peak else None
-        results["rows"].append(row)
+    for group in groups:
+        n, i, m = group
+        flops_spec = {**base, "network": n, "inp": i, "mode": m, "switch": "flops"}
+        members = [p for p in plan if p[:3] == group]
+        if dev.type == "cuda":  # one child per group: CUDA start-up is slow, and peaks are reset per measurement
+            measured = _run_child([flops_spec] + [specs[p] for p in members], timeout_s * (1 + len(members)))
+        else:  # the CPU's resident peak cannot be reset: one child per measurement
+            measured = [_run_child(flops_spec, timeout_s)] + [None] * len(members)
+        flops[group] = measured[0].get("flops_per_call")
+        progress(f"{n} {i} {m}: FLOPs", measured[0])
+        for p, res in zip(members, measured[1:]):
+            res = res if res is not None else _run_child(specs[p], timeout_s)
+            progress(f"{n} {i} {m} {variant_label(n, p[3])}", res)
+            row = {"network": n, "input": i, "mode": m, "switch": p[3], "variant": variant_label(n, p[3]), **res}
+            if flops[group] is not None and "median_s" in res:
+                row["flops"] = flops[group] * (res["calls"] if m == "infer" else 1)
+                row["flops_per_s"] = row["flops"] / res["median_s"]
+                peak = results["peak_flops"].get({"bf16": "bfloat16", "fp16": "float16"}.get(p[3], "float32"))
+                row["fraction_of_peak"] = row["flops_per_s"] / peak if peak else None
+            results["rows"].append(row)
     shipped = {(r["network"], r["input"], r["mode"]): r for r in results["rows"] if r["switch"] == "shipped"}
     for row in results["rows"]:
         ref = shipped.get((row["network"], row["input"], row["mode"]))

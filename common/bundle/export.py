@@ -42,10 +42,12 @@ def bundle_network(bundle_dir: str, ckpt_file: str | None, overrides: dict[str, 
     return net.eval(), parser
 
 
-def export_network(network: torch.nn.Module, example: torch.Tensor, filepath: str) -> torch.export.ExportedProgram:
-    """``torch.export.export(network.eval(), (example,))`` saved to ``filepath`` (atomically); returns the program."""
+def export_network(
+    network: torch.nn.Module, examples: tuple[torch.Tensor, ...], filepath: str
+) -> torch.export.ExportedProgram:
+    """``torch.export.export(network.eval(), examples)`` saved to ``filepath`` (atomically); returns the program."""
     with torch.no_grad():
-        program = torch.export.export(network.eval(), (example,))
+        program = torch.export.export(network.eval(), tuple(examples))
     os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
     with atomic_path(filepath) as tmp:
         torch.export.save(program, tmp)
@@ -76,5 +78,5 @@ def export_bundle(
         if input_shape
         else onnx_input_shape(parser, onnx_export_settings(bundle_dir))
     )
-    export_network(net, torch.rand(shape, generator=torch.Generator().manual_seed(0)), filepath)
+    export_network(net, (torch.rand(shape, generator=torch.Generator().manual_seed(0)),), filepath)
     return filepath
