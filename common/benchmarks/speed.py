@@ -421,11 +421,13 @@ def child_main(spec_json: str) -> None:
         print(json.dumps(_measure_one(spec)))
         return
     results = []
-    for one in spec:
+    for k, one in enumerate(spec, 1):
         try:
             results.append(_measure_one(one))
         except Exception as err:  # reported in the table; the next measurement still runs
             results.append({"error": f"{type(err).__name__}: {err}"[:300]})
+        what = [str(one[key]) for key in ("network", "inp", "mode", "switch", "peak_dtype") if key in one]
+        print(f"  measured {k}/{len(spec)}: {' '.join(what)}", file=sys.stderr, flush=True)
     print(json.dumps(results))
 
 
@@ -437,18 +439,22 @@ def _run_child(spec: dict[str, Any] | list[dict[str, Any]], timeout_s: float) ->
     measurement of a list)."""
     cmd = [sys.executable, "-m", "common.benchmarks.speed", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    many = isinstance(spec, list)  # a list streams the child's progress (its stderr) through
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout_s)
+        out = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=None if many else subprocess.PIPE, text=True, cwd=REPO, env=env,
+            timeout=timeout_s,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         failed = {"error": f"timed out after {timeout_s:.0f} s"}
-        return [failed] * len(spec) if isinstance(spec, list) else failed
+        return [failed] * len(spec) if many else failed
     if out.returncode != 0:
-        lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
+        lines = [line for line in (out.stderr or "").strip().splitlines() if line.strip()]
         failed = {
             "error": (lines[-1] if lines else f"exit status {out.returncode}")[:300],
-            "stderr": out.stderr[-3000:],
+            "stderr": (out.stderr or "")[-3000:],
         }
-        return [failed] * len(spec) if isinstance(spec, list) else failed
+        return [failed] * len(spec) if many else failed
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -543,37 +549,39 @@ def run_benchmark(
         "peak_flops": {},
         "rows": [],
     }
-    for dtype in dtypes:
-        res = _run_child({**base, "peak_dtype": dtype}, timeout_s)
-        results["peak_flops"][dtype] = res.get("peak_flops")
-        progress(f"measured matmul peak, {dtype}", res)
     trace_dir = os.path.join(work_dir, "traces") if profile else None
-    specs = {
-        p: {**base, "network": p[0], "inp": p[1], "mode": p[2], "switch": p[3], "repeats": repeats, "profile": profile,
-            "warmup": max(warmup, 2) if p[3] == "compile" else warmup, "trace_dir": trace_dir}  # compile: first calls
-        for p in plan
-    }  # fmt: skip
+    jobs: list[tuple[str, Any, dict[str, Any]]] = [("peak", d, {**base, "peak_dtype": d}) for d in dtypes]
+    for n, i, m in groups:
+        jobs.append(("flops", (n, i, m), {**base, "network": n, "inp": i, "mode": m, "switch": "flops"}))
+        jobs += [
+            ("row", p, {**base, "network": n, "inp": i, "mode": m, "switch": p[3], "repeats": repeats,
+                        "warmup": max(warmup, 2) if p[3] == "compile" else warmup,  # the first calls compile
+                        "profile": profile, "trace_dir": trace_dir})
+            for p in plan if p[:3] == (n, i, m)
+        ]  # fmt: skip
+    if dev.type == "cuda":  # one child: CUDA start-up is slow, and each measurement resets the peak statistics
+        measured = iter(_run_child([spec for _, _, spec in jobs], timeout_s * len(jobs)))
+    else:  # the CPU's resident peak cannot be reset: one child per measurement
+        measured = (_run_child(spec, timeout_s) for _, _, spec in jobs)
     flops: dict[tuple[str, str, str], int | None] = {}
-    for group in groups:
-        n, i, m = group
-        flops_spec = {**base, "network": n, "inp": i, "mode": m, "switch": "flops"}
-        members = [p for p in plan if p[:3] == group]
-        if dev.type == "cuda":  # one child per group: CUDA start-up is slow, and peaks are reset per measurement
-            measured = _run_child([flops_spec] + [specs[p] for p in members], timeout_s * (1 + len(members)))
-        else:  # the CPU's resident peak cannot be reset: one child per measurement
-            measured = [_run_child(flops_spec, timeout_s)] + [None] * len(members)
-        flops[group] = measured[0].get("flops_per_call")
-        progress(f"{n} {i} {m}: FLOPs", measured[0])
-        for p, res in zip(members, measured[1:]):
-            res = res if res is not None else _run_child(specs[p], timeout_s)
-            progress(f"{n} {i} {m} {variant_label(n, p[3])}", res)
-            row = {"network": n, "input": i, "mode": m, "switch": p[3], "variant": variant_label(n, p[3]), **res}
-            if flops[group] is not None and "median_s" in res:
-                row["flops"] = flops[group] * (res["calls"] if m == "infer" else 1)
-                row["flops_per_s"] = row["flops"] / res["median_s"]
-                peak = results["peak_flops"].get({"bf16": "bfloat16", "fp16": "float16"}.get(p[3], "float32"))
-                row["fraction_of_peak"] = row["flops_per_s"] / peak if peak else None
-            results["rows"].append(row)
+    for (kind, key, _), res in zip(jobs, measured):
+        if kind == "peak":
+            results["peak_flops"][key] = res.get("peak_flops")
+            progress(f"measured matmul peak, {key}", res)
+            continue
+        if kind == "flops":
+            flops[key] = res.get("flops_per_call")
+            progress(f"{' '.join(key)}: FLOPs", res)
+            continue
+        n, i, m, sw = key
+        progress(f"{n} {i} {m} {variant_label(n, sw)}", res)
+        row = {"network": n, "input": i, "mode": m, "switch": sw, "variant": variant_label(n, sw), **res}
+        if flops.get((n, i, m)) is not None and "median_s" in res:
+            row["flops"] = flops[(n, i, m)] * (res["calls"] if m == "infer" else 1)
+            row["flops_per_s"] = row["flops"] / res["median_s"]
+            peak = results["peak_flops"].get({"bf16": "bfloat16", "fp16": "float16"}.get(sw, "float32"))
+            row["fraction_of_peak"] = row["flops_per_s"] / peak if peak else None
+        results["rows"].append(row)
     shipped = {(r["network"], r["input"], r["mode"]): r for r in results["rows"] if r["switch"] == "shipped"}
     for row in results["rows"]:
         ref = shipped.get((row["network"], row["input"], row["mode"]))

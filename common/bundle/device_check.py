@@ -103,6 +103,14 @@ def _write_full_dataset(layout: str, folder: str, num_cases: int, shape: list[in
     return folder, datalist
 
 
+def _full_cases(data: dict[str, Any], tiny: bool, full_shape: tuple[int, ...]) -> int:
+    """Cases of the full-size dataset: the test profile's count (a MosMed split needs studies of several
+    categories to hold one with a mask), but 2 (one to test) of volumes as large as BraTS', which take about
+    40 s each to synthesise."""
+    cases = max(2, int(data["test"]["num_cases"]))
+    return 2 if not tiny and full_shape[0] * full_shape[1] * full_shape[2] > 4_000_000 else cases
+
+
 def _check_bundle(bundle_dir: str, work: str, device: str, profile: str, data: Future, full: Future) -> dict[str, Any]:
     """Train with AMP, infer on the pipeline's data and on the full-size volume; one row per stage. ``data`` and
     ``full`` give ``(dataset folder, datalist)`` of the two datasets (written in worker processes)."""
@@ -235,7 +243,7 @@ def run_device_check(
                 _write_full_dataset,
                 layout,
                 os.path.join(out_dir, "full_data", layout),
-                max(2, int(data["test"]["num_cases"])),
+                _full_cases(data, tiny, DEFAULT_SHAPES[layout]),
                 list(data["test"]["shape"]) if tiny else list(DEFAULT_SHAPES[layout]),
             )
             for layout, data in data_specs.items()

@@ -87,3 +87,15 @@ def test_cli_refuses_an_unknown_switch_in_one_line(tmp_path):
     out = subprocess.run(cmd + ["--switches", "sdpa,fp8"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 2 and "--switches" in out.stderr and "fp8" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_one_child_measures_a_list_and_reports_each_failure_in_place():
+    """The CUDA path runs every measurement in one child (peaks are reset per measurement there)."""
+    from common.benchmarks.speed import _run_child
+
+    good = {"network": "segresnet", "inp": "brain", "mode": "infer", "switch": "shipped", "tiny": True, "repeats": 1}
+    bad = {**good, "network": "no_such_network"}
+    results = _run_child([good, bad, {**good, "switch": "flops"}], timeout_s=600)
+    assert len(results) == 3
+    assert results[0]["calls"] > 1 and results[2]["flops_per_call"] > 0
+    assert results[1]["error"].startswith("KeyError")
