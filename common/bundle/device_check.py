@@ -33,25 +33,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 __all__ = ["check_environment", "run_device_check"]
 
 
-def _requirements(setup_cfg: str) -> list[str]:
+def _requirements(setup_cfg: str) -> list[tuple[str, bool]]:
+    """``(requirement, needed)``: ``install_requires`` (needed) and the ``dev`` extra (reported only)."""
     cfg = configparser.ConfigParser()
     cfg.read(setup_cfg)
-    lines = cfg.get("options", "install_requires", fallback="").splitlines()
-    lines += cfg.get("options.extras_require", "dev", fallback="").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    out = []
+    for section, key, needed in (("options", "install_requires", True), ("options.extras_require", "dev", False)):
+        lines = cfg.get(section, key, fallback="").splitlines()
+        out += [(line.strip(), needed) for line in lines if line.strip() and not line.strip().startswith("#")]
+    return out
 
 
 def check_environment(setup_cfg: str = os.path.join(REPO, "setup.cfg")) -> dict[str, Any]:
     """What the repository needs against what this Python has: ``{"python", "platform", "packages": [{"name",
-    "required", "installed", "ok"}], "missing": [...], "torch": {...}}``."""
+    "required", "installed", "ok", "needed"}], "missing": [...], "missing_dev": [...], "torch": {...}}``.
+
+    ``missing`` lists the unmet ``install_requires`` (the check cannot run without them), ``missing_dev`` the
+    unmet requirements of the ``dev`` extra (tests and export tools; reported, not needed here)."""
     from importlib import metadata
 
     try:
         from packaging.requirements import Requirement
     except ImportError:  # then only presence is checked
         Requirement = None  # noqa: N806
-    packages, missing = [], []
-    for line in _requirements(setup_cfg):
+    packages, missing, missing_dev = [], [], []
+    for line, needed in _requirements(setup_cfg):
         name = re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0]
         try:
             installed = metadata.version(name)
@@ -60,15 +66,18 @@ def check_environment(setup_cfg: str = os.path.join(REPO, "setup.cfg")) -> dict[
         ok = installed is not None
         if ok and Requirement is not None:
             ok = Requirement(line).specifier.contains(installed, prereleases=True)
-        packages.append({"name": name, "required": line, "installed": installed, "ok": ok})
+        packages.append({"name": name, "required": line, "installed": installed, "ok": ok, "needed": needed})
         if not ok:
-            missing.append(line if installed is None else f"{line} (installed {installed})")
+            (missing if needed else missing_dev).append(
+                line if installed is None else f"{line} (installed {installed})"
+            )
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "platform": platform.platform(),
         "packages": packages,
         "missing": missing,
+        "missing_dev": missing_dev,
     }
     try:
         import torch
@@ -175,7 +184,10 @@ def _format(report: dict[str, Any]) -> str:
             else ""
         ),
         "",
-        "Missing or mismatched requirements: " + (", ".join(env["missing"]) if env["missing"] else "none"),
+        "Missing or mismatched requirements: "
+        + (", ".join(env["missing"]) if env["missing"] else "none")
+        + "; of the dev extra (not needed here): "
+        + (", ".join(env["missing_dev"]) if env["missing_dev"] else "none"),
         "",
         f"Total {report['seconds']:.0f} s. Bundles (training with AMP for one epoch, inference on the pipeline's data "
         "and on a full-size volume):",
@@ -219,7 +231,7 @@ def run_device_check(
         bundles: bundle names (default: every bundle).
         benchmark: run the speed benchmark.
         benchmark_networks, benchmark_switches: subsets (``"a,b"``); default all networks with ``sdpa,bf16,fp16``
-            on CUDA, and ``hlwa,segresnet`` with ``sdpa,bf16`` when tiny.
+            on CUDA (``sdpa,bf16`` on the CPU), and HLWA-UNet on the brain crop with ``sdpa,bf16`` when tiny.
         benchmark_repeats: timed repeats per benchmark measurement.
     """
     from common.benchmarks.speed import NETWORKS, run_benchmark
@@ -261,12 +273,13 @@ def run_device_check(
                     {"bundle": row["bundle"], "rows": [{**row, "error": f"{type(err).__name__}: {err}"}]}
                 )
     if benchmark:
-        networks = benchmark_networks or ("hlwa,segresnet" if tiny else ",".join(NETWORKS))
+        networks = benchmark_networks or ("hlwa" if tiny else ",".join(NETWORKS))
         switches = benchmark_switches or ("sdpa,bf16" if tiny or device == "cpu" else "sdpa,bf16,fp16")
         try:
             results = run_benchmark(
                 work_dir=os.path.join(out_dir, "speed"),
                 networks=networks,
+                inputs="brain" if tiny else "brain,roi",
                 switches=switches,
                 device=device,
                 repeats=benchmark_repeats,

@@ -157,7 +157,14 @@ def prepare_network(
 
     Returns:
         ``network`` itself.
+
+    Raises:
+        ValueError: a switch that is not a bool: ``--amp false`` on ``monai.bundle run``'s command line arrives as
+            the (true) string ``"false"``; write ``--amp False``.
     """
+    for name, value in (("amp", amp), ("channels_last", channels_last), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r} (on the command line: --{name} False).")
     if device is not None:
         network = network.to(device)
     params = list(network.parameters())

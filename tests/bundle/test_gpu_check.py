@@ -20,7 +20,7 @@ def test_environment_check_reports_missing_and_mismatched_requirements(tmp_path)
     setup_cfg = tmp_path / "setup.cfg"
     setup_cfg.write_text(
         "[options]\ninstall_requires =\n    torch>=2.4\n    numpy<1.0\n    no-such-package-xyz>=1.0\n"
-        "[options.extras_require]\ndev =\n    pytest>=7.4\n"
+        "[options.extras_require]\ndev =\n    pytest>=7.4\n    no-such-dev-tool>=1\n"
     )
     env = check_environment(str(setup_cfg))
     by_name = {p["name"]: p for p in env["packages"]}
@@ -28,6 +28,7 @@ def test_environment_check_reports_missing_and_mismatched_requirements(tmp_path)
     assert not by_name["numpy"]["ok"] and by_name["numpy"]["installed"]  # installed, but not numpy < 1.0
     assert by_name["no-such-package-xyz"]["installed"] is None
     assert env["missing"][0].startswith("numpy<1.0 (installed ") and env["missing"][1] == "no-such-package-xyz>=1.0"
+    assert env["missing_dev"] == ["no-such-dev-tool>=1"] and not by_name["pytest"]["needed"]
     assert env["torch"]["version"] and env["torch"]["cuda_available"] in (True, False)
     assert check_environment()["missing"] == []  # this environment is complete
 

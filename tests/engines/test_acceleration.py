@@ -61,6 +61,12 @@ def test_amp_runs_the_forward_in_bfloat16_and_returns_float32():
     torch.testing.assert_close(ema(x), out + 1.0, atol=0.02, rtol=0.0)
 
 
+def test_switches_must_be_bools():
+    # fire hands `--amp false` over as the string "false", which is true
+    with pytest.raises(ValueError, match="amp must be True or False, got 'false'"):
+        prepare_network(_net(), "cpu", amp="false")
+
+
 def test_an_error_inside_the_forward_leaves_autocast():
     prepared = prepare_network(_net(), "cpu", amp=True)
     with pytest.raises(RuntimeError):
