@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from common.benchmarks.hlwa import SEGRESNET
 from common.benchmarks.report import write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,17 +93,6 @@ class NetworkSpec:
     tiny: dict[str, Any] = field(default_factory=dict)
 
 
-# MONAI Model Zoo brats_mri_segmentation's SegResNet (the HLWA benchmark's baseline)
-_SEGRESNET = {
-    "_target_": "SegResNet",
-    "spatial_dims": 3,
-    "in_channels": 4,
-    "out_channels": 3,
-    "init_filters": 16,
-    "blocks_down": [1, 2, 2, 4],
-    "blocks_up": [1, 1, 1],
-    "dropout_prob": 0.2,
-}
 NETWORKS: dict[str, NetworkSpec] = {
     "hlwa": NetworkSpec(
         "HLWA-UNet",
@@ -133,7 +123,8 @@ NETWORKS: dict[str, NetworkSpec] = {
         attention_arg="fused_attention",
         checkpoint_arg="gradient_checkpointing",
     ),
-    "segresnet": NetworkSpec("SegResNet (MONAI)", monai_def=_SEGRESNET, brain=True, tiny={"init_filters": 8}),
+    # MONAI Model Zoo brats_mri_segmentation's SegResNet, the HLWA benchmark's baseline
+    "segresnet": NetworkSpec("SegResNet (MONAI)", monai_def=SEGRESNET, brain=True, tiny={"init_filters": 8}),
     "swinunetr": NetworkSpec(
         "SwinUNETR (MONAI)",
         monai_def={"_target_": "SwinUNETR", "in_channels": 4, "out_channels": 3, "feature_size": 48},
