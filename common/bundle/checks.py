@@ -4,7 +4,7 @@ A new bundle is checked by adding it: ``tests/test_bundles.py`` runs :func:`chec
 ``bundles/`` (and on the example bundle in ``tests/``). Each check raises :class:`BundleCheckError` with a
 message that names the bundle, the file and what is wrong; MONAI's own bundle tools (``verify_metadata``,
 ``verify_net_in_out``, ``ckpt_export``, ``onnx_export``, ``ConfigWorkflow.check_properties``) do the work where they
-exist.
+exist; ``torch.export`` (which MONAI's CLI lacks) goes through :mod:`common.bundle.export`.
 """
 
 from __future__ import annotations
@@ -332,6 +332,38 @@ def check_onnx_export(
     return onnx_file
 
 
+def check_torch_export(
+    bundle_dir: str,
+    ckpt_file: str,
+    work_dir: str,
+    overrides: dict[str, Any] | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> str:
+    """``torch.export`` to an ExportedProgram (:func:`common.bundle.export.export_bundle`); the program loaded back
+    from the ``.pt2`` file gives eager PyTorch's output, on the export input and on a second random input of the
+    same shape (so no input was folded into the graph). Returns the path of the ``.pt2`` file."""
+    from common.bundle.export import bundle_network, export_bundle
+
+    settings = onnx_export_settings(bundle_dir)
+    pt2_file = os.path.join(os.path.abspath(work_dir), "model.pt2")
+    try:
+        export_bundle(bundle_dir, ckpt_file, pt2_file, overrides=overrides)
+    except Exception as err:  # torch.export names the unsupported construct; keep its message
+        raise _fail(bundle_dir, f"torch.export failed: {type(err).__name__}: {str(err)[:2000]}") from err
+    net, parser = bundle_network(bundle_dir, ckpt_file, overrides)
+    program = torch.export.load(pt2_file).module()
+    shape = onnx_input_shape(parser, settings)
+    for seed in (0, 1):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            expected, got = net(x), program(x)
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=rtol):
+            diff = (got - expected).abs().max() if got.shape == expected.shape else f"shape {got.shape}"
+            raise _fail(bundle_dir, f"torch.export program output differs from eager by {diff} (atol {atol})")
+    return pt2_file
+
+
 def onnx_exporter_available(settings: dict[str, Any]) -> bool:
     """Whether this environment can run the exporter ``settings`` ask for (the dynamo one needs ``onnxscript``)."""
     needed = ["onnx", "onnxruntime"] + (["onnxscript"] if settings["dynamo"] else [])
@@ -533,6 +565,7 @@ def check_bundle(bundle_dir: str, work_dir: str) -> HarnessResult:
     infer_stage = next(s for s in load_pipeline(bundle_dir)["stages"] if s["name"] == "inference")
     net_overrides = {k: v for k, v in stage_overrides(infer_stage, "test").items() if k.startswith("network_def")}
     check_export(bundle_dir, ckpt, work_dir, net_overrides)
+    check_torch_export(bundle_dir, ckpt, work_dir, net_overrides)
     settings = onnx_export_settings(bundle_dir)
     if onnx_exporter_available(settings):
         check_onnx_export(bundle_dir, ckpt, work_dir, net_overrides)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from monai.networks.blocks.patchembedding import PatchEmbed
 from monai.networks.blocks.unetr_block import UnetrUpBlock
 
+from common.networks.blocks.checkpointing import checkpoint_stage
 from common.networks.blocks.deformable_cross_attention import DeformableCrossFeatureBlendBlock
 
 __all__ = ["OUTPUT_ACTIVATIONS", "DC2Fusion", "DualStreamEncoderStage", "l1_weighted_fusion"]
@@ -141,7 +142,8 @@ class DC2Fusion(nn.Module):
         depths: DCFB blocks per stage (default ``(2, 2, 6, 2)``).
         num_heads: attention heads per stage; ``embed_dim * 2**i`` must be divisible by ``num_heads[i]``
             (default ``(3, 6, 12, 24)``).
-        window_size: attention window edge in voxels of each stage (default 2).
+        window_size: attention window in voxels of each stage, int or ``(wd, wh, ww)``, clamped to stages smaller
+            than it (default 2).
         patch_size: patch embedding kernel and stride (default 4).
         mlp_ratio: MLP hidden width / channels (default 4.0).
         offset_range: bound of the deformable offsets, in voxels of each stage (default 1.0; 0 disables them).
@@ -162,6 +164,11 @@ class DC2Fusion(nn.Module):
         fusion_projection: a 1x1x1 convolution from the fused ``head_channels`` to ``out_channels`` (default False).
         output_activation: ``None`` (default, the paper), ``"abs"`` or ``"sigmoid"``, applied to the fused output.
         padding_mode: ``grid_sample`` padding of the deformable sampling (default ``"border"``).
+        fused_attention: window attention through ``scaled_dot_product_attention`` (default True; same output
+            within float rounding, see :func:`~common.networks.blocks.window_attention.attend_in_windows`).
+        gradient_checkpointing: in training, recompute each encoder stage's activations in the backward pass
+            instead of storing them (:func:`~common.networks.blocks.checkpointing.checkpoint_stage`): less memory
+            at large ROIs for about one more encoder forward per step; same outputs and gradients (default False).
 
     Example::
 
@@ -177,7 +184,7 @@ class DC2Fusion(nn.Module):
         embed_dim: int = 96,
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 2,
+        window_size: Sequence[int] | int = 2,
         patch_size: int = 4,
         mlp_ratio: float = 4.0,
         offset_range: float = 1.0,
@@ -196,6 +203,8 @@ class DC2Fusion(nn.Module):
         fusion_projection: bool = False,
         output_activation: str | None = None,
         padding_mode: str = "border",
+        fused_attention: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
@@ -204,7 +213,6 @@ class DC2Fusion(nn.Module):
             ("in_channels", in_channels),
             ("out_channels", out_channels),
             ("embed_dim", embed_dim),
-            ("window_size", window_size),
             ("patch_size", patch_size),
             ("head_channels", head_channels),
         ):
@@ -236,6 +244,7 @@ class DC2Fusion(nn.Module):
         self.fusion_eps = fusion_eps
         self.normalize_fusion_weights = normalize_fusion_weights
         self.output_activation = "none" if output_activation is None else output_activation
+        self.gradient_checkpointing = bool(gradient_checkpointing)
 
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages = []
@@ -262,6 +271,7 @@ class DC2Fusion(nn.Module):
                     attn_drop=attn_drop_rate,
                     drop_path=rates[first + j],
                     padding_mode=padding_mode,
+                    fused_attention=fused_attention,
                 )
                 for j in range(depth)
             ]
@@ -339,7 +349,10 @@ class DC2Fusion(nn.Module):
         skips_x: list[torch.Tensor] = []
         skips_y: list[torch.Tensor] = []
         for stage in self.stages:
-            x, y = stage(x, y)
+            if not torch.jit.is_scripting() and self.gradient_checkpointing and self.training:
+                x, y = checkpoint_stage(stage, x, y)
+            else:
+                x, y = stage(x, y)
             skips_x.append(x)
             skips_y.append(y)
         return self._head(skips_x, skips_y)[0]

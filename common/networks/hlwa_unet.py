@@ -24,6 +24,7 @@ from monai.networks.blocks.convolutions import Convolution
 from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, UnetUpBlock
 from torch import nn
 
+from common.networks.blocks.checkpointing import checkpoint_stage
 from common.networks.blocks.window_attention import LocalWindowCrossAttention, LocalWindowTransformerBlock
 
 __all__ = ["HLWAUNet", "ModalityFusion"]
@@ -79,7 +80,8 @@ class ModalityFusion(nn.Module):
 class _ModalityEncoder(nn.Module):
     """One single-channel encoder: a MONAI ``Convolution`` block (conv-norm-act) at level 0, a stride-2
     ``UnetResBlock`` per deeper level, and at the attention levels ``depth`` LWSA transformer blocks
-    after it (every second one shifted when ``shift``).
+    after it (every second one shifted when ``shift``). With ``gradient_checkpointing`` each level's
+    activations are recomputed in backward (training only).
 
     ``(B, 1, D, H, W) -> [(B, features[l], D / 2^l, H / 2^l, W / 2^l) for each level l]``.
     """
@@ -97,8 +99,11 @@ class _ModalityEncoder(nn.Module):
         norm_name: str | tuple,
         act_name: str | tuple,
         dropout: float,
+        fused_attention: bool,
+        gradient_checkpointing: bool,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         stages = []
         in_ch = 1
         for level, ch in enumerate(features):
@@ -124,6 +129,7 @@ class _ModalityEncoder(nn.Module):
                         LocalWindowTransformerBlock(
                             ch, num_heads, window_size=window_size, shift_size=shift,
                             relative_position_bias=relative_position_bias, mlp_ratio=mlp_ratio, dropout=dropout,
+                            fused_attention=fused_attention,
                         )
                     )  # fmt: skip
             stages.append(nn.Sequential(*layers))
@@ -133,7 +139,10 @@ class _ModalityEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats: list[torch.Tensor] = []
         for stage in self.stages:
-            x = stage(x)
+            if not torch.jit.is_scripting() and self.gradient_checkpointing and self.training:
+                x = checkpoint_stage(stage, x)
+            else:
+                x = stage(x)
             feats.append(x)
         return feats
 
@@ -214,6 +223,13 @@ class HLWAUNet(nn.Module):
             Default ``("leakyrelu", {"inplace": True, "negative_slope": 0.01})``.
         dropout: dropout rate in the convolution blocks, attention and MLPs, in ``[0, 1)``. Default 0.
         return_region_features: in eager training mode return ``(seg, f_a, f_b, f_c)``. Default True.
+        fused_attention: LWSA and LWCA through ``scaled_dot_product_attention`` (PyTorch's fused kernels); same
+            output within float rounding (see :func:`~common.networks.blocks.window_attention.attend_in_windows`).
+            Default True.
+        gradient_checkpointing: in training, recompute the four encoders' activations level by level in the
+            backward pass instead of storing them (:func:`~common.networks.blocks.checkpointing.checkpoint_stage`):
+            less memory at large ROIs for about one more encoder forward per step; same outputs and gradients.
+            Default False.
 
     Example::
 
@@ -241,6 +257,8 @@ class HLWAUNet(nn.Module):
         act_name: str | tuple = ("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
         dropout: float = 0.0,
         return_region_features: bool = True,
+        fused_attention: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -304,6 +322,7 @@ class HLWAUNet(nn.Module):
                 _ModalityEncoder(
                     features, stages, attention_depth, num_heads, window, shift_windows,
                     relative_position_bias, mlp_ratio, norm_name, act_name, dropout,
+                    fused_attention, bool(gradient_checkpointing),
                 )
                 for _ in range(4)
             ]
@@ -325,6 +344,7 @@ class HLWAUNet(nn.Module):
         self.cross_attention = LocalWindowCrossAttention(
             region_channels, bottleneck, num_heads, window_size=window,
             relative_position_bias=relative_position_bias, attn_drop=dropout, proj_drop=dropout,
+            fused_attention=fused_attention,
         )  # fmt: skip
         self.cross_merge = Convolution(
             3, 3 * region_channels, bottleneck, kernel_size=1, norm=norm_name, act=act_name, dropout=conv_dropout

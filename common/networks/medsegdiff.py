@@ -32,6 +32,7 @@ from monai.networks.blocks import Convolution, MLPBlock, SABlock, UpSample
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from common.networks.blocks.checkpointing import checkpoint_stage
 from common.networks.blocks.ff_parser import FFParser
 
 __all__ = [
@@ -296,6 +297,9 @@ class MedSegDiff(nn.Module):
         time_injection: ``"scale_shift"`` (default, adaptive group norm) or ``"add"``.
         dropout: dropout probability in the residual and attention blocks (default 0.0).
         fusion_residual: condition stream continues as ``m_I + A`` (default) or as ``A`` (see :class:`AttentiveFusion`).
+        gradient_checkpointing: in training, recompute the two encoders' stage activations in the backward pass
+            instead of storing them (:func:`~common.networks.blocks.checkpointing.checkpoint_stage`): less memory for
+            large batches or 3D inputs, for about one more encoder forward per step; same outputs (default False).
 
     Example (training step and 50-step DDIM sampling with MONAI)::
 
@@ -325,6 +329,7 @@ class MedSegDiff(nn.Module):
         time_injection: str = "scale_shift",
         dropout: float = 0.0,
         fusion_residual: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -369,6 +374,7 @@ class MedSegDiff(nn.Module):
         self.out_channels = out_channels
         self.channels = channels
         self.size_divisor = factor
+        self.gradient_checkpointing = bool(gradient_checkpointing)
 
         self.time_embed_base = channels[0]
         time_embed_dim = 4 * channels[0]
@@ -509,8 +515,12 @@ class MedSegDiff(nn.Module):
         for k, (image_stage, mask_stage, ff_parser, fusion, image_down, mask_down) in enumerate(
             zip(self.image_stages, self.mask_stages, self.ff_parsers, self.fusions, self.image_downs, self.mask_downs)
         ):
-            m_image = image_stage(m_image, temb)
-            m_mask = ff_parser(mask_stage(m_mask, temb))
+            if not torch.jit.is_scripting() and self.gradient_checkpointing and self.training:
+                m_image = checkpoint_stage(image_stage, m_image, temb)
+                m_mask = ff_parser(checkpoint_stage(mask_stage, m_mask, temb))
+            else:
+                m_image = image_stage(m_image, temb)
+                m_mask = ff_parser(mask_stage(m_mask, temb))
             m_image = fusion(m_image, m_mask)
             if k < last:
                 skips.append(m_image + m_mask)

@@ -9,9 +9,9 @@ from common.losses.fusion import DC2FusionLoss
 from common.networks.blocks.deformable_cross_attention import (
     DeformableCrossFeatureBlendBlock,
     OffsetNetwork,
-    WindowCrossAttention,
     deformable_sample,
 )
+from common.networks.blocks.window_attention import LocalWindowCrossAttention
 from common.networks.dc2fusion import DC2Fusion
 
 SMALL = {"embed_dim": 12, "depths": (1, 1), "num_heads": (1, 2), "window_size": 2}
@@ -72,64 +72,41 @@ def test_offsets_start_at_zero_and_stay_within_range():
     assert offsets.abs().max() > 1.0  # the bound is reached, not a smaller one
 
 
-# ---------------------------------------------------------------- window cross-attention
-
-
-def test_window_attention_output_depends_only_on_its_window():
-    torch.manual_seed(0)
-    attn = WindowCrossAttention(dim=8, num_heads=2, window_size=2).eval()
-    x, ctx = torch.randn(1, 4, 6, 4, 8), torch.randn(1, 4, 6, 4, 8)
-    out, _ = attn(x, ctx)
-    x2, ctx2 = x.clone(), ctx.clone()
-    x2[:, 2:], ctx2[:, 2:] = torch.randn_like(x2[:, 2:]), torch.randn_like(ctx2[:, 2:])  # outside window (0, 0, 0)
-    ctx2[:, :2, 2:] = torch.randn_like(ctx2[:, :2, 2:])
-    out2, _ = attn(x2, ctx2)
-    torch.testing.assert_close(out2[:, :2, :2, :2], out[:, :2, :2, :2])
-    assert not torch.allclose(out2[:, 2:], out[:, 2:])
-    ctx3 = ctx.clone()
-    ctx3[:, 0, 1, 1] += 1.0  # inside the window: its output must change
-    out3, _ = attn(x, ctx3)
-    assert not torch.allclose(out3[:, :2, :2, :2], out[:, :2, :2, :2])
+# ---------------------------------------------------------------- window cross-attention of the DCFB block
+# (the attention itself, LocalWindowCrossAttention, is tested in test_window_attention.py)
 
 
 def test_attention_rows_sum_to_one_and_padded_keys_get_no_weight():
-    attn = WindowCrossAttention(dim=6, num_heads=3, window_size=2)
-    x, ctx = torch.randn(2, 3, 5, 4, 6), torch.randn(2, 3, 5, 4, 6)  # D and H are not window multiples
-    out, weights = attn(x, ctx)
+    block = DeformableCrossFeatureBlendBlock(dim=6, num_heads=3, window_size=2, conv_norm="instance")
+    x, y = torch.randn(2, 6, 3, 5, 4), torch.randn(2, 6, 3, 5, 4)  # D and H are not window multiples
+    out, maps = block.forward_with_maps(x, y)
     assert out.shape == x.shape
+    weights = maps["attention"]
     n_windows = 2 * 3 * 2  # per sample, on the padded 4 x 6 x 4 grid
     assert weights.shape == (2 * n_windows, 3, 8, 8)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2 * n_windows, 3, 8))
-    # the last window along D holds real voxels at depth 2 only: keys at padded depth 3 (tokens 4..7) get 0
+    # the last window along D holds real voxels at depth 2 only: its real queries (tokens 0..3) give the keys
+    # at padded depth 3 (tokens 4..7) no weight
     last_d_window = (1 * 3 + 0) * 2 + 0  # window (d=1, h=0, w=0) of sample 0
-    assert torch.all(weights[last_d_window, :, :, 4:] == 0)
+    assert torch.all(weights[last_d_window, :, :4, 4:] == 0)
 
 
-def test_value_gate_of_ones_changes_nothing_and_zero_gate_removes_the_values():
-    attn = WindowCrossAttention(dim=4, num_heads=2, window_size=2)
-    x, ctx = torch.randn(2, 2, 4, 2, 4), torch.randn(2, 2, 4, 2, 4)
-    plain, _ = attn(x, ctx)
-    torch.testing.assert_close(attn(x, ctx, value_gate=torch.ones(2, 4))[0], plain)
-    gated, _ = attn(x, ctx, value_gate=torch.zeros(2, 4))
-    torch.testing.assert_close(gated, attn.proj.bias.expand_as(gated))
-
-
-def test_relative_position_bias_is_optional_and_shaped_per_head():
-    with_bias = WindowCrossAttention(dim=4, num_heads=2, window_size=(2, 3, 2))
-    bias = with_bias.relative_position_bias()
-    assert bias.shape == (2, 12, 12)
-    # tokens 0 = (0, 0, 0) and 1 = (0, 0, 1) are one voxel apart along W, like tokens 2 = (0, 1, 0) and 3 = (0, 1, 1)
-    torch.testing.assert_close(bias[:, 0, 1], bias[:, 2, 3], rtol=0, atol=0)
-    assert not torch.equal(bias[:, 0, 1], bias[:, 1, 0])  # opposite displacements have their own entries
-    without = WindowCrossAttention(dim=4, num_heads=2, use_rel_pos_bias=False)
-    assert without.relative_position_bias() is None
-    x = torch.randn(1, 2, 2, 2, 4)
-    torch.testing.assert_close(torch.jit.script(without)(x, x)[0], without(x, x)[0])
-
-
-def test_attention_rejects_heads_that_do_not_divide_channels():
+def test_attention_is_the_shared_window_cross_attention_with_a_value_gate():
+    block = DeformableCrossFeatureBlendBlock(dim=4, num_heads=2, window_size=(2, 1, 2), use_rel_pos_bias=False)
+    assert isinstance(block.attention, LocalWindowCrossAttention)
+    assert block.attention.window_size == [2, 1, 2] and block.attention.position_bias is None
+    # zero channel gates remove the values: the attention branch is then the projection bias alone
+    torch.nn.init.constant_(block.channel_interaction.gate[3].bias, -1e4)
+    x, y = torch.randn(1, 4, 2, 2, 2), torch.randn(1, 4, 2, 2, 2)
+    captured = {}
+    handle = block.attention.register_forward_hook(lambda m, args, out: captured.update(out=out))
+    block.eval()(x, y)
+    handle.remove()
+    torch.testing.assert_close(
+        captured["out"], block.attention.proj.bias.view(1, 1, 4, 1, 1, 1).expand(1, 1, 4, 2, 2, 2)
+    )
     with pytest.raises(ValueError, match="num_heads"):
-        WindowCrossAttention(dim=6, num_heads=4)
+        DeformableCrossFeatureBlendBlock(dim=6, num_heads=4)
 
 
 # ---------------------------------------------------------------- DCFB block
@@ -229,3 +206,48 @@ def test_ten_steps_of_training_reduce_the_loss():
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_fused_attention_gives_the_explicit_output():
+    torch.manual_seed(0)
+    fused = DC2Fusion(**SMALL).eval()
+    explicit = DC2Fusion(**SMALL, fused_attention=False).eval()
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.rand(1, 2, 16, 24, 8)  # the 1-voxel-deep second stage clamps the window
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), explicit(x), atol=1e-5, rtol=1e-5)
+
+
+def _saved_for_backward(net, *inputs):
+    """``(net(*inputs), bytes autograd stores for backward outside checkpointed regions)``."""
+    stored = 0
+
+    def pack(t):
+        nonlocal stored
+        stored += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return net(*inputs), stored
+
+
+def test_gradient_checkpointing_keeps_outputs_gradients_and_batch_norm_statistics():
+    torch.manual_seed(0)
+    plain = DC2Fusion(**SMALL)  # batch norm in the convolution branch
+    checkpointed = DC2Fusion(**SMALL, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    mri, pet = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    outs, saved = [], []
+    for net in (plain, checkpointed):
+        out, stored = _saved_for_backward(net.train(), mri, pet)
+        out.square().mean().backward()
+        outs.append(out)
+        saved.append(stored)
+    torch.testing.assert_close(outs[1], outs[0])
+    assert saved[1] < 0.9 * saved[0], f"checkpointing stored {saved[1]} of {saved[0]} bytes"
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+    # the recomputation in backward must not update the running statistics a second time
+    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(c, b, msg=f"buffer {name}")
+    assert any("running_mean" in name for name, _ in plain.named_buffers())

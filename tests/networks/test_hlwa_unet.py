@@ -180,3 +180,47 @@ def test_modality_fusion_modes():
     torch.testing.assert_close(concat(maps), expected)
     with pytest.raises(ValueError, match="expected 4 maps"):
         concat(maps[:3])
+
+
+def test_fused_attention_gives_the_explicit_output():
+    fused = HLWAUNet(**TINY, shift_windows=True).eval()
+    explicit = HLWAUNet(**TINY, shift_windows=True, fused_attention=False).eval()
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 4, *SIZE)  # shifted windows on maps smaller than the window: masks and clamping
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), explicit(x), atol=1e-5, rtol=1e-5)
+
+
+def _saved_for_backward(net, x):
+    """``(net(x), bytes autograd stores for backward outside checkpointed regions)``."""
+    stored = 0
+
+    def pack(t):
+        nonlocal stored
+        stored += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return net(x), stored
+
+
+def test_gradient_checkpointing_of_the_encoders_keeps_outputs_and_gradients():
+    plain = HLWAUNet(**TINY, dropout=0.1)  # dropout: the recomputation must replay the same masks
+    checkpointed = HLWAUNet(**TINY, dropout=0.1, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, y = torch.randn(1, 4, *SIZE), _target((1, 1, *SIZE))
+    results = []
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)
+        out, stored = _saved_for_backward(net.train(), x)
+        HLWALoss()(out, y).backward()
+        results.append((out, stored))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(b, a)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+    assert results[1][1] < 0.8 * results[0][1], "checkpointing stores the encoders' activations"
+    # evaluation and TorchScript ignore the option
+    checkpointed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(checkpointed)(x), plain.eval()(x), atol=1e-5, rtol=1e-5)

@@ -225,3 +225,23 @@ def test_torchscript_matches_eager():
         torch.testing.assert_close(scripted(x, t, image), net(x, t, image))
         stacked = torch.cat([image, x], dim=1)
         torch.testing.assert_close(scripted(stacked), net(stacked))
+
+
+def test_gradient_checkpointing_of_the_encoders_keeps_outputs_and_gradients():
+    plain = _tiny(dropout=0.1)  # dropout: the recomputation must replay the same masks
+    checkpointed = _tiny(dropout=0.1, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    image, mask, t = torch.randn(2, 4, 16, 16), torch.randn(2, 1, 16, 16), torch.tensor([3, 500])
+    outs, stored = [], []
+    for net in (plain, checkpointed):
+        saved: list[int] = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda x, saved=saved: saved.append(x.numel()) or x, lambda x: x):
+            out = net.train()(mask, t, image)
+        out.square().mean().backward()
+        outs.append(out)
+        stored.append(sum(saved))
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+    assert stored[1] < 0.9 * stored[0], "checkpointing stores the encoders' activations"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -15,9 +16,13 @@ from common.networks.blocks.window_attention import (
     RelativePositionBias,
     effective_window,
     relative_position_index,
+    sdpa_window_attention,
     shifted_window_mask,
+    window_attention,
+    window_attention_mask,
     window_partition,
     window_reverse,
+    window_token_regions,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
@@ -303,3 +308,175 @@ def test_lwca_rejects_mismatched_inputs():
         module(torch.randn(1, 3, 8, 4, 4, 4), torch.randn(1, 4, 5, 4, 4, 4))
     with pytest.raises(ValueError, match="multiple of num_heads"):
         LocalWindowCrossAttention(6, 4, num_heads=4)
+
+
+# ---------------------------------------------------------------- fused (SDPA) path against the explicit one
+
+
+def _reference_lwca(module: LocalWindowCrossAttention, query, context, value_gate=None) -> torch.Tensor:
+    """LWCA written voxel by voxel on the *declared* (unclamped) window grid: each real voxel of each query group
+    attends to the real voxels of its window in every context group, one softmax; values times ``value_gate``.
+
+    Windows larger than the map are padded rather than clamped here, so agreement also shows that clamping
+    attends over the same voxels (DC2Fusion's attention padded small stages before it used this block)."""
+    _, gq, cq, *size = query.shape
+    gk = context.shape[1]
+    heads, hd = module.num_heads, cq // module.num_heads
+    window = module.window_size
+    positions = list(itertools.product(*[range(s) for s in size]))
+    q = module.q(query[0].permute(0, 2, 3, 4, 1).reshape(gq, -1, cq)).reshape(gq, -1, heads, hd)
+    k, v = module.kv(context[0].permute(0, 2, 3, 4, 1).reshape(gk, len(positions), -1)).chunk(2, dim=-1)
+    k, v = k.reshape(gk, -1, heads, hd), v.reshape(gk, -1, heads, hd)
+    if value_gate is not None:
+        v = v * value_gate[0].reshape(heads, hd)
+    win = [tuple(p[i] // window[i] for i in range(3)) for p in positions]
+    out = torch.zeros(gq, len(positions), cq)
+    for i, p in enumerate(positions):
+        keys = [j for j in range(len(positions)) if win[j] == win[i]]
+        bias = 0.0
+        if module.position_bias is not None:
+            t = module.window_size
+            idx = [
+                (p[0] % t[0] - positions[j][0] % t[0] + t[0] - 1) * (2 * t[1] - 1) * (2 * t[2] - 1)
+                + (p[1] % t[1] - positions[j][1] % t[1] + t[1] - 1) * (2 * t[2] - 1)
+                + (p[2] % t[2] - positions[j][2] % t[2] + t[2] - 1)
+                for j in keys
+            ]
+            bias = module.position_bias.table[idx].T.repeat(1, gk)  # (heads, Gk * len(keys)), group-major
+        keys_k = k[:, keys].reshape(-1, heads, hd)  # (Gk * len(keys), heads, hd)
+        keys_v = v[:, keys].reshape(-1, heads, hd)
+        for g in range(gq):
+            logits = torch.einsum("hd,khd->hk", q[g, i], keys_k) * hd**-0.5 + bias
+            out[g, i] = torch.einsum("hk,khd->hd", logits.softmax(-1), keys_v).reshape(cq)
+    return module.proj(out).reshape(gq, *size, cq).permute(0, 4, 1, 2, 3).unsqueeze(0)
+
+
+@pytest.mark.parametrize(
+    "size, window, gate",
+    [
+        ((5, 4, 6), 4, False),  # padding along D and W
+        ((2, 6, 3), (4, 4, 2), True),  # D smaller than the window (clamped), H and W padded
+        ((4, 4, 4), 2, True),
+    ],
+)
+def test_lwca_matches_voxel_by_voxel_reference(size, window, gate):
+    module = LocalWindowCrossAttention(4, 6, num_heads=2, window_size=window).eval()
+    query, context = torch.randn(1, 2, 4, *size), torch.randn(1, 3, 6, *size)
+    value_gate = torch.rand(1, 4) if gate else None
+    expected = _reference_lwca(module, query, context, value_gate)
+    with torch.no_grad():
+        for fused in (True, False):
+            module.fused_attention = fused
+            torch.testing.assert_close(module(query, context, value_gate), expected, atol=1e-5, rtol=1e-5)
+        got, _ = module.forward_with_weights(query, context, value_gate)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _masks(padded, window, shift, valid, groups=(1, 1)):
+    regions, valid_tokens = window_token_regions(padded, window, shift, valid, torch.device("cpu"))
+    gq, gk = groups
+    return window_attention_mask(
+        regions.repeat(1, gq), valid_tokens.repeat(1, gq), regions.repeat(1, gk), valid_tokens.repeat(1, gk)
+    )
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(
+    "padded, window, shift, valid, groups",
+    [
+        ([8, 4, 4], [4, 4, 4], [0, 0, 0], [8, 4, 4], (1, 1)),  # no mask needed (all real, no shift)
+        ([8, 8, 4], [4, 4, 4], [0, 0, 0], [6, 5, 4], (1, 1)),  # windows crossing the padding
+        ([8, 8, 4], [4, 4, 4], [2, 2, 0], [7, 6, 4], (1, 1)),  # shifted windows crossing the padding
+        ([8, 4, 4], [4, 4, 4], [0, 0, 0], [5, 4, 3], (2, 3)),  # cross-attention: Nq = 2N, Nk = 3N
+    ],
+)
+def test_sdpa_equals_explicit_attention_in_values_and_gradients(with_bias, padded, window, shift, valid, groups):
+    mask = _masks(padded, window, shift, valid, groups)
+    mask = mask if mask.any() else None
+    n_windows, n = _masks(padded, window, shift, valid).shape[:2]
+    batch, heads, hd = 2, 2, 4  # batch 2: the per-window mask is repeated over the batch-major windows
+    gq, gk = groups
+    q = torch.randn(batch * n_windows, heads, gq * n, hd, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch * n_windows, heads, gk * n, hd, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch * n_windows, heads, gk * n, hd, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(heads, gq * n, gk * n, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    explicit, _ = window_attention(q, k, v, hd**-0.5, bias, mask)
+    fused = sdpa_window_attention(q, k, v, hd**-0.5, bias, mask)
+    torch.testing.assert_close(fused, explicit, atol=1e-10, rtol=1e-10)
+    upstream = torch.randn_like(explicit)
+    grads_explicit = torch.autograd.grad(explicit, inputs, upstream)
+    grads_fused = torch.autograd.grad(fused, inputs, upstream)
+    for name, a, b in zip("qkvb", grads_fused, grads_explicit):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"gradient of {name}")
+
+
+def _lwsa_pair(**kwargs):
+    fused = LocalWindowSelfAttention(8, 2, window_size=4, **kwargs)
+    explicit = LocalWindowSelfAttention(8, 2, window_size=4, fused_attention=False, **kwargs)
+    explicit.load_state_dict(fused.state_dict())
+    return fused, explicit
+
+
+@pytest.mark.parametrize("shift, rpb", [(0, True), (2, True), (2, False)])
+def test_lwsa_fused_equals_explicit_in_training_and_evaluation(shift, rpb):
+    fused, explicit = _lwsa_pair(shift_size=shift, relative_position_bias=rpb)
+    x = torch.randn(2, 8, 6, 9, 5)  # padded along every axis
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, out2 = fused.train()(x1), explicit.train()(x2)
+    torch.testing.assert_close(out1, out2, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out1)
+    out1.backward(upstream)
+    out2.backward(upstream)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    for (name, p1), p2 in zip(fused.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), explicit.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def _attention_ops(module, *inputs, grad):
+    with torch.profiler.profile() as prof, torch.set_grad_enabled(grad):
+        module(*inputs)
+    return {e.key for e in prof.key_averages() if "attention" in e.key}
+
+
+def test_fused_kernel_is_used_where_pytorch_has_one():
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"  # PyTorch's fused CPU kernel
+    fused, explicit = _lwsa_pair(shift_size=2)
+    x = torch.randn(2, 8, 6, 9, 5)
+    # inference with bias and shift/padding mask (it takes the 4D additive mask), and with the bias alone
+    assert flash in _attention_ops(fused.eval(), x, grad=False)
+    assert not _attention_ops(explicit.eval(), x, grad=False)
+    plain, _ = _lwsa_pair()
+    assert flash in _attention_ops(plain.eval(), torch.randn(2, 8, 8, 4, 8), grad=False)
+    # training with a learned bias on the CPU: the explicit path (the fused CPU kernel cannot differentiate it)
+    assert not _attention_ops(fused.train(), x, grad=True)
+    no_bias, _ = _lwsa_pair(shift_size=2, relative_position_bias=False)
+    assert flash in _attention_ops(no_bias.train(), x, grad=True)
+    cross = LocalWindowCrossAttention(8, 4, num_heads=2, window_size=4).eval()
+    q, ctx = torch.randn(2, 3, 8, 6, 4, 5), torch.randn(2, 4, 4, 6, 4, 5)
+    assert flash in _attention_ops(cross, q, ctx, grad=False)
+
+
+def test_lwca_value_gate_scales_the_values_per_sample_and_channel():
+    module = LocalWindowCrossAttention(4, 4, num_heads=2, window_size=2).eval()
+    q, ctx = torch.randn(2, 1, 4, 4, 2, 4), torch.randn(2, 1, 4, 4, 2, 4)
+    with torch.no_grad():
+        plain = module(q, ctx)
+        torch.testing.assert_close(module(q, ctx, torch.ones(2, 4)), plain)
+        zero = module(q, ctx, torch.zeros(2, 4))
+        torch.testing.assert_close(zero, module.proj.bias.view(1, 1, 4, 1, 1, 1).expand_as(zero))
+        # a gate per sample: sample 1 gated, sample 0 not (windows are batch-major)
+        gate = torch.stack([torch.ones(4), torch.tensor([0.5, 2.0, 0.0, 1.0])])
+        gated = module(q, ctx, gate)
+        torch.testing.assert_close(gated[0], plain[0])
+        # the gate is constant over tokens, so it equals scaling the attention output before the projection
+        before_projection = copy.deepcopy(module)
+        before_projection.proj.weight.copy_(torch.eye(4))
+        before_projection.proj.bias.zero_()
+        attended = before_projection(q, ctx)[1].movedim(1, -1)  # (1, D, H, W, C)
+        expected = torch.nn.functional.linear(attended * gate[1], module.proj.weight, module.proj.bias)
+        torch.testing.assert_close(gated[1], expected.movedim(-1, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="value_gate"):
+        module(q, ctx, torch.ones(2, 3))

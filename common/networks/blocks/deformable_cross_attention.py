@@ -7,23 +7,25 @@ the same encoder stage:
 
 1. :class:`OffsetNetwork` predicts a bounded displacement per voxel from ``cat(x, y)``;
 2. :func:`deformable_sample` resamples ``y`` at the reference grid plus those displacements;
-3. :class:`WindowCrossAttention` attends from ``x`` (queries) to the sampled ``y`` (keys, values) in
-   non-overlapping 3D windows;
+3. window cross-attention (the collection's one windowed attention,
+   :class:`~common.networks.blocks.window_attention.LocalWindowCrossAttention`, with one query and one context
+   group) attends from ``x`` (queries) to the sampled ``y`` (keys, values) in non-overlapping 3D windows;
 4. :class:`CrossConvolutionBranch` convolves ``x`` with the sampled ``y``;
 5. :class:`ChannelInteraction` / :class:`SpatialInteraction` exchange gates between the two branches
    (the bidirectional interaction of MixFormer, Chen et al., CVPR 2022), which are then concatenated and
    projected (:class:`DeformableCrossFeatureBlendBlock`).
 
-All blocks are 3D. Feature maps travel between blocks channel-first ``(B, C, D, H, W)``; attention and the
-MLP work channel-last ``(B, D, H, W, C)``, and every switch between the two layouts is an explicit
+All blocks are 3D. Feature maps travel between blocks channel-first ``(B, C, D, H, W)``; the norms, gates and
+the MLP work channel-last ``(B, D, H, W, C)``, and every switch between the two layouts is an explicit
 ``permute`` (the public code reshapes channel-first memory into channel-last shapes, scrambling features).
 
 Everything here compiles with ``torch.jit.script`` (the bundles export to TorchScript), which is why reshapes are
-written with ``reshape``/``permute`` and typed window helpers rather than einops or MONAI's untyped Swin
-``window_partition``.
+written with ``reshape``/``permute`` rather than einops.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -31,14 +33,12 @@ import torch.nn.functional as F
 from monai.networks.blocks.mlp import MLPBlock
 from monai.networks.layers.drop_path import DropPath
 from monai.networks.layers.utils import get_norm_layer
-from monai.utils import ensure_tuple_rep
 
-from common.networks.blocks.window_attention import window_partition, window_reverse
+from common.networks.blocks.window_attention import LocalWindowCrossAttention
 
 __all__ = [
     "deformable_sample",
     "OffsetNetwork",
-    "WindowCrossAttention",
     "CrossConvolutionBranch",
     "ChannelInteraction",
     "SpatialInteraction",
@@ -140,138 +140,6 @@ class OffsetNetwork(nn.Module):
         return self.offset_range * torch.tanh(self.to_offsets(h))
 
 
-class WindowCrossAttention(nn.Module):
-    """Multi-head cross-attention inside non-overlapping 3D windows: queries from ``x``, keys and values from
-    ``context``; ``(B, D, H, W, C) x 2 -> (B, D, H, W, C)`` (channel-last).
-
-    ``Attention(Q, K, V) = softmax(Q K^T / sqrt(head_dim) + B_rel) V`` per window of
-    ``window_size^3`` voxels, with the Swin relative position bias ``B_rel`` (a learned table of
-    ``(2w-1)^3`` entries per head, Liu et al. 2021). Volumes whose size is not a multiple of the window are
-    zero-padded at the far end internally; the padded keys are masked out of the softmax (every window keeps
-    at least one real voxel), and the output is cropped back.
-
-    Written here rather than taken from MONAI: :class:`monai.networks.blocks.CrossAttentionBlock` has no
-    windowing and only the decomposed (query-dependent) relative position embedding, and the Swin
-    ``WindowAttention`` of :mod:`monai.networks.nets.swin_unetr` is self-attention only (and not scriptable).
-
-    Args:
-        dim: channels ``C``.
-        num_heads: attention heads; must divide ``dim``.
-        window_size: window edge (int, or one per axis), default 2.
-        qkv_bias: add a bias to the query, key and value projections (default True).
-        use_rel_pos_bias: add the relative position bias (default True).
-        attn_drop: dropout on the attention weights (default 0).
-        proj_drop: dropout after the output projection (default 0).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window_size: int | tuple[int, int, int] = 2,
-        qkv_bias: bool = True,
-        use_rel_pos_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if dim < 1 or num_heads < 1 or dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}).")
-        window = [int(w) for w in ensure_tuple_rep(window_size, 3)]
-        if any(w < 1 for w in window):
-            raise ValueError(f"window_size must be positive, got {window_size}.")
-        _check_rate("attn_drop", attn_drop)
-        _check_rate("proj_drop", proj_drop)
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.window_size = window
-        self.scale = self.head_dim**-0.5
-        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-        # Swin relative position index: token pair (i, j) of a window -> row of the bias table
-        wd, wh, ww = window
-        coords = torch.stack(torch.meshgrid([torch.arange(w) for w in window], indexing="ij")).flatten(1)  # (3, N)
-        relative = coords[:, :, None] - coords[:, None, :] + torch.tensor([wd - 1, wh - 1, ww - 1])[:, None, None]
-        index = relative[0] * (2 * wh - 1) * (2 * ww - 1) + relative[1] * (2 * ww - 1) + relative[2]
-        self.register_buffer("relative_position_index", index, persistent=False)  # (N, N)
-        self.relative_position_bias_table = None
-        if use_rel_pos_bias:
-            table_size = (2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1)
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
-            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def relative_position_bias(self) -> torch.Tensor | None:
-        """The bias added to the attention logits, ``(heads, N, N)`` with ``N = prod(window_size)``, or None."""
-        table = self.relative_position_bias_table
-        if table is None:
-            return None
-        n = self.relative_position_index.shape[0]
-        bias = table[self.relative_position_index.reshape(-1)]  # (N * N, heads)
-        return bias.reshape(n, n, -1).permute(2, 0, 1)
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B * nW, N, C) -> (B * nW, heads, N, C / heads)``."""
-        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, value_gate: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            x: queries, ``(B, D, H, W, C)``.
-            context: keys and values, ``(B, D, H, W, C)``.
-            value_gate: optional per-sample channel gate ``(B, C)`` multiplied into the values (the channel
-                interaction of the DCFB block).
-
-        Returns:
-            ``(out, attention)``: ``(B, D, H, W, C)`` and the softmax weights ``(B * nW, heads, N, N)`` with
-            windows ordered batch-major, then along D, H, W (:func:`~common.networks.blocks.window_attention.window_partition` order).
-        """
-        if x.ndim != 5 or x.shape != context.shape or x.shape[-1] != self.dim:
-            raise ValueError(f"x and context must both be (B, D, H, W, {self.dim}), got {x.shape} and {context.shape}.")
-        b, d, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-        wd, wh, ww = self.window_size[0], self.window_size[1], self.window_size[2]
-        pd, ph, pw = (wd - d % wd) % wd, (wh - h % wh) % wh, (ww - w % ww) % ww
-        padded = pd > 0 or ph > 0 or pw > 0
-        if padded:
-            x = F.pad(x, [0, 0, 0, pw, 0, ph, 0, pd])
-            context = F.pad(context, [0, 0, 0, pw, 0, ph, 0, pd])
-        dp, hp, wp = d + pd, h + ph, w + pw
-        num_windows = (dp // wd) * (hp // wh) * (wp // ww)
-
-        q = self._heads(self.to_q(window_partition(x, self.window_size)))  # (B * nW, heads, N, C / heads)
-        k, v = self.to_kv(window_partition(context, self.window_size)).chunk(2, dim=-1)
-        k, v = self._heads(k), self._heads(v)
-        if value_gate is not None:
-            if value_gate.ndim != 2 or value_gate.shape[0] != b or value_gate.shape[1] != self.dim:
-                raise ValueError(f"value_gate must be (B, C) = ({b}, {self.dim}), got {value_gate.shape}.")
-            gate = value_gate.reshape(b, self.num_heads, 1, self.head_dim)  # (B, heads, 1, C / heads)
-            v = v * gate.repeat_interleave(num_windows, dim=0)  # windows are batch-major
-
-        logits = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B * nW, heads, N, N)
-        bias = self.relative_position_bias()
-        if bias is not None:
-            logits = logits + bias.unsqueeze(0)
-        if padded:
-            valid = torch.zeros(1, dp, hp, wp, 1, dtype=x.dtype, device=x.device)
-            valid[:, :d, :h, :w] = 1.0
-            key_valid = window_partition(valid, self.window_size)[:, :, 0] > 0.5  # (nW, N)
-            key_valid = key_valid.repeat(b, 1)[:, None, None, :]  # (B * nW, 1, 1, N), batch-major
-            logits = logits.masked_fill(~key_valid, float("-inf"))
-        attention = logits.softmax(dim=-1)
-
-        out = torch.matmul(self.attn_drop(attention), v)  # (B * nW, heads, N, C / heads)
-        out = out.permute(0, 2, 1, 3).reshape(out.shape[0], out.shape[2], self.dim)  # (B * nW, N, C)
-        out = self.proj_drop(self.proj(out))
-        out = window_reverse(out, self.window_size, [dp, hp, wp])
-        return out[:, :d, :h, :w].contiguous(), attention
-
-
 class CrossConvolutionBranch(nn.Module):
     """Grouped convolution over each query channel and its sampled counterpart:
     ``(B, C, D, H, W) x 2 -> (B, C, D, H, W)``.
@@ -361,7 +229,7 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
         o   = offset_range * tanh(OffsetNet(cat(x_n, y_n)))          # (B, 3, D, H, W), voxels
         y_s = grid_sample(y_n, reference grid + o)                  # deformable sampling
         c   = GELU(Norm(GroupConv_{k^3}(interleave(x_n, y_s))))      # convolution branch
-        a   = WindowCrossAttention(q = x_n, k = v = y_s, values gated by ChannelInteraction(c))
+        a   = LWCA(q = x_n, k = v = y_s, values gated by ChannelInteraction(c))   # window cross-attention
         c   = c * SpatialInteraction(a)                              # spatial gate from the attention branch
         x   = x + DropPath(Linear_{2C -> C}(cat(a, c)))
         x   = x + DropPath(MLP(LN_mlp(x)))
@@ -370,12 +238,17 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
     attention values (per channel, identical for every token, so it equals scaling the attention output before
     its projection), the spatial gate of the attention branch scales the convolution features. The MLP has
     its own LayerNorm (the public code reuses the pre-attention norm). Windows are not shifted: the 7^3
-    convolution branch and the offsets carry information across window borders.
+    convolution branch and the offsets carry information across window borders. The attention is
+    :class:`~common.networks.blocks.window_attention.LocalWindowCrossAttention` (``softmax(q k^T / sqrt(head_dim)
+    + B_rel) v`` per window, Swin relative position bias, padding keys masked), with one query and one context
+    group; a stage smaller than the window uses a window clamped to it, which attends over the same voxels as
+    padding it would.
 
     Args:
         dim: channels ``C`` of each stream.
         num_heads: attention heads; must divide ``dim``.
-        window_size: attention window edge (default 2).
+        window_size: attention window, int or ``(wd, wh, ww)`` in voxels of this stage, clamped to stages smaller
+            than it (default 2).
         mlp_ratio: MLP hidden width / ``dim`` (default 4.0).
         offset_range: bound of the offsets in voxels of this stage (default 1.0).
         conv_kernel_size: odd kernel edge of the convolution branch (default 7).
@@ -387,13 +260,15 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
         attn_drop: dropout on the attention weights (default 0).
         drop_path: stochastic depth rate of both residual branches (default 0).
         padding_mode: ``grid_sample`` padding for samples outside the volume (default ``"border"``).
+        fused_attention: attention through ``scaled_dot_product_attention`` (default True; see
+            :func:`~common.networks.blocks.window_attention.attend_in_windows`).
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        window_size: int = 2,
+        window_size: Sequence[int] | int = 2,
         mlp_ratio: float = 4.0,
         offset_range: float = 1.0,
         conv_kernel_size: int = 7,
@@ -405,6 +280,7 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         padding_mode: str = "border",
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         if mlp_ratio <= 0:
@@ -418,7 +294,16 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
         self.norm_query = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(dim)
         self.offsets = OffsetNetwork(dim, offset_range)
-        self.attention = WindowCrossAttention(dim, num_heads, window_size, qkv_bias, use_rel_pos_bias, attn_drop)
+        self.attention = LocalWindowCrossAttention(
+            dim,
+            dim,
+            num_heads,
+            window_size=window_size,
+            relative_position_bias=use_rel_pos_bias,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            fused_attention=fused_attention,
+        )
         self.conv_branch = CrossConvolutionBranch(dim, conv_kernel_size, conv_norm)
         self.channel_interaction = ChannelInteraction(dim, interaction_reduction)
         self.spatial_interaction = SpatialInteraction(dim, interaction_reduction)
@@ -430,8 +315,10 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
             dim, max(1, int(round(dim * mlp_ratio))), dropout_rate=drop, act="GELU", dropout_mode="swin"
         )
 
-    def _blend(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The block's computation: ``(out, offsets, attention)``."""
+    def _blend(
+        self, x: torch.Tensor, y: torch.Tensor, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The block's computation: ``(out, offsets, attention weights or None)``."""
         if x.ndim != 5 or x.shape != y.shape or x.shape[1] != self.dim:
             raise ValueError(f"x and y must both be (B, {self.dim}, D, H, W), got {x.shape} and {y.shape}.")
         x_cl = _channels_last(x)
@@ -443,7 +330,14 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
         y_s = deformable_sample(y_n, offsets, self.padding_mode)
 
         conv = self.conv_branch(x_n_cf, y_s)
-        attended, attention = self.attention(x_n, _channels_last(y_s), value_gate=self.channel_interaction(conv))
+        gate = self.channel_interaction(conv)
+        # one query and one context group: (B, 1, C, D, H, W)
+        attention: torch.Tensor | None = None
+        if need_weights:
+            attended, attention = self.attention.forward_with_weights(x_n_cf.unsqueeze(1), y_s.unsqueeze(1), gate)
+        else:
+            attended = self.attention(x_n_cf.unsqueeze(1), y_s.unsqueeze(1), gate)
+        attended = _channels_last(attended.squeeze(1))
         conv = _channels_last(conv) * self.spatial_interaction(attended)
 
         x_cl = x_cl + self.drop_path(self.blend_drop(self.blend(torch.cat((attended, conv), dim=-1))))
@@ -459,9 +353,10 @@ class DeformableCrossFeatureBlendBlock(nn.Module):
         Returns:
             the updated query stream ``(B, C, D, H, W)``.
         """
-        return self._blend(x, y)[0]
+        return self._blend(x, y, False)[0]
 
     def forward_with_maps(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`forward` plus ``{"offsets": (B, 3, D, H, W) in voxels, "attention": (B * nW, heads, N, N)}``."""
-        out, offsets, attention = self._blend(x, y)
+        out, offsets, attention = self._blend(x, y, True)
+        assert attention is not None
         return out, {"offsets": offsets, "attention": attention}
