@@ -34,6 +34,7 @@ from common.bundle.pipeline import (
     load_pipeline,
     run_pipeline,
     run_stage,
+    read_summary_metrics,
     stage_overrides,
 )
 
@@ -530,6 +531,7 @@ def check_learning(bundle_dir: str, result: PipelineResult) -> LearningResult:
         )
         return LearningResult(losses)
     summary = spec["summary"]
+    headline = summary["metrics"][0]  # higher is better for every bundle's headline metric (Dice, SSIM)
     evaluate = stages[summary["stage"]]
     untrained = _untrained_checkpoint(bundle_dir, evaluate, os.path.join(work, "untrained.pt"))
     metric = {}
@@ -539,15 +541,14 @@ def check_learning(bundle_dir: str, result: PipelineResult) -> LearningResult:
         ov.update(stage_overrides(evaluate, "test"))
         ov.update({"evaluate_list": learning["evaluate_list"], **learning["evaluate_overrides"]})
         run_stage(bundle_dir, evaluate, ov, os.path.join(work, f"evaluate_{name}.log"))
-        with open(os.path.join(out, summary["file"])) as f:
-            metric[name] = float(json.load(f)[summary["metric"]])
+        metric[name] = read_summary_metrics(os.path.join(out, summary["file"]), [headline])[headline]
     if not metric["trained"] > metric["untrained"]:
         raise _fail(
             bundle_dir,
-            f"the trained model is no better than an untrained one on the cases it trained on: {summary['metric']} "
+            f"the trained model is no better than an untrained one on the cases it trained on: {headline} "
             f"{metric['trained']:.4f} vs {metric['untrained']:.4f}",
         )
-    return LearningResult(losses, summary["metric"], metric["trained"], metric["untrained"])
+    return LearningResult(losses, headline, metric["trained"], metric["untrained"])
 
 
 def check_bundle(bundle_dir: str, work_dir: str) -> HarnessResult:
