@@ -131,8 +131,8 @@ class HeldOutDice:
     ``marks`` are the sorted seconds given to ``train_with_budget`` as ``checkpoint_seconds``; the k-th call is
     the k-th mark (the budget trainer calls once per mark, in order), and a call after the last mark is the end
     of training. The test cases are evaluated at the marks in ``test_marks`` and at the end, the validation
-    cases at every call. Returns ``{"mark_s", "validation": {...}, "test": {...}}`` with ``dice`` (cases x
-    TC/WT/ET), ``cases`` and ``dice_mean``.
+    cases at every call; marks passed within one training step reuse that step's evaluations. Returns
+    ``{"mark_s", "validation": {...}, "test": {...}}`` with ``dice`` (cases x TC/WT/ET), ``cases`` and ``dice_mean``.
     """
 
     def __init__(self, marks, test_marks, datalist: str, dataset_dir: str) -> None:
@@ -141,6 +141,8 @@ class HeldOutDice:
         self.datalist, self.dataset_dir = datalist, dataset_dir
         self.calls = 0
         self.datasets: dict[str, Any] = {}
+        self.last_step: int | None = None
+        self.last: dict[str, dict[str, Any]] = {}
 
     def _dataset(self, parser, split: str):
         if split not in self.datasets:
@@ -174,11 +176,17 @@ class HeldOutDice:
     def __call__(self, parser, trainer) -> dict[str, Any]:
         mark = self.marks[self.calls] if self.calls < len(self.marks) else None
         self.calls += 1
-        out: dict[str, Any] = {"mark_s": mark, "validation": self.dice(parser, "validation")}
-        out["val_dice_mean"] = out["validation"]["dice_mean"]
+        step = getattr(getattr(trainer, "state", None), "iteration", None)
+        if step is None or step != self.last_step:  # marks passed within one step share its evaluations
+            self.last_step, self.last = step, {}
+        out: dict[str, Any] = {"mark_s": mark}
+        wanted = [("validation", "validation", "val_dice_mean")]
         if mark is None or mark in self.test_marks:
-            out["test"] = self.dice(parser, "testing")
-            out["test_dice_mean"] = out["test"]["dice_mean"]
+            wanted.append(("testing", "test", "test_dice_mean"))
+        for split, key, summary in wanted:
+            if split not in self.last:
+                self.last[split] = self.dice(parser, split)
+            out[key], out[summary] = self.last[split], self.last[split]["dice_mean"]
         return out
 
 
@@ -506,13 +514,16 @@ def summarise(runs: list[dict], measurements: dict, protocol: dict, split: dict)
 
 
 def benchmark_command(protocol: dict[str, Any], jobs: int = 2) -> str:
-    """The ``tools/benchmark_hlwa.py`` command line that runs ``protocol``."""
+    """The ``tools/benchmark_hlwa.py`` command line that runs ``protocol`` (every setting spelt out)."""
+    p = protocol
     return (
-        f"python tools/benchmark_hlwa.py --num_cases {protocol['num_cases']} "
-        f"--shape {','.join(map(str, protocol['shape']))} --roi {protocol['roi']} "
-        f"--budgets_s {','.join(str(int(b)) for b in protocol['budgets_s'])} "
-        f"--seeds {','.join(map(str, protocol['seeds']))} --learning_rate {protocol['learning_rate']:g} "
-        f"--jobs {jobs} --threads {protocol['threads']}"
+        f"python tools/benchmark_hlwa.py --num_cases {p['num_cases']} --shape {','.join(map(str, p['shape']))} "
+        f"--val_fraction {p['val_fraction']:g} --test_fraction {p['test_fraction']:g} --data_seed {p['data_seed']} "
+        f"--roi {p['roi']} --budgets_s {','.join(f'{b:g}' for b in p['budgets_s'])} "
+        f"--curve_every_s {p['curve_every_s']:g} --seeds {','.join(map(str, p['seeds']))} "
+        f"--learning_rate {p['learning_rate']:g} --inference_shape {','.join(map(str, p['inference_shape']))} "
+        f"--inference_roi {p['inference_roi']} --inference_repeats {p['inference_repeats']} --device {p['device']} "
+        f"--jobs {jobs} --threads {p['threads']}" + (" --pilot true" if p.get("pilot") else "")
     )
 
 

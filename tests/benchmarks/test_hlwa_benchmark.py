@@ -4,11 +4,14 @@ for hours and is run through tools/benchmark_hlwa.py, not here."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from common.benchmarks.hlwa import (
     MODELS,
     HeldOutDice,
     ProtocolError,
+    benchmark_command,
     check_models,
     format_report,
     model_parser,
@@ -36,6 +40,7 @@ from common.data.datalist import build_datalist, save_datalist
 from common.data.synthetic.write import write_synthetic_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "benchmark_hlwa.py")
 
 
 def test_default_models_are_hlwa_and_both_baselines():
@@ -135,19 +140,26 @@ def test_every_model_is_trained_on_the_same_cases_crops_and_augmentation(data):
 
 
 class _Marks(HeldOutDice):
-    """HeldOutDice whose Dice is the split's name: shows which calls evaluate which split."""
+    """HeldOutDice whose Dice records the split and the evaluation's number: shows what each call evaluates."""
 
     def dice(self, parser, split):
-        return {"dice_mean": float(self.calls), "split": split}
+        self.evaluations = getattr(self, "evaluations", 0) + 1
+        return {"dice_mean": float(self.evaluations), "split": split}
+
+
+def _at_step(iteration):
+    return SimpleNamespace(state=SimpleNamespace(iteration=iteration))
 
 
 def test_held_out_dice_evaluates_the_test_set_at_the_budgets_and_the_end_only():
     evaluate = _Marks([100, 300, 200, 600], test_marks=[300, 600], datalist="", dataset_dir="")
-    calls = [evaluate(None, None) for _ in range(5)]
+    # marks 200 and 300 both pass within step 7: one validation, reused; step 9 ends training after mark 600
+    calls = [evaluate(None, _at_step(n)) for n in (5, 7, 7, 8, 9)]
     assert [c["mark_s"] for c in calls] == [100, 200, 300, 600, None]
     assert ["test" in c for c in calls] == [False, False, True, True, True]
-    assert all(c["validation"]["split"] == "validation" for c in calls)
-    assert calls[2]["test"]["split"] == "testing"
+    assert all(c["validation"]["split"] == "validation" for c in calls) and calls[2]["test"]["split"] == "testing"
+    assert [c["val_dice_mean"] for c in calls] == [1, 2, 2, 4, 6]  # evaluations: 1, 2, (2), 3 test, 4, 5 test, 6
+    assert [c.get("test_dice_mean") for c in calls] == [None, None, 3, 5, 7]
 
 
 def _fake_runs(budgets, dice_of, seeds=(0, 1, 2), cases=12):
@@ -187,9 +199,10 @@ def _fake_runs(budgets, dice_of, seeds=(0, 1, 2), cases=12):
 
 def _protocol(**changes):
     protocol = {
-        "num_cases": 40, "shape": [96, 96, 64], "roi": 64, "budgets_s": [300.0, 600.0, 1200.0], "learning_rate": 1e-3,
-        "threads": 1, "device": "cpu", "seeds": [0, 1, 2], "inference_shape": [240, 240, 155], "inference_roi": 128,
-        "inference_repeats": 2, "pilot": False,
+        "num_cases": 40, "shape": [96, 96, 64], "val_fraction": 0.1, "test_fraction": 0.3, "roi": 64,
+        "budgets_s": [300.0, 600.0, 1200.0], "curve_every_s": 100.0, "learning_rate": 1e-3, "threads": 1,
+        "data_seed": 0, "phantom": "realistic", "device": "cpu", "seeds": [0, 1, 2], "inference_shape": [240, 240, 155],
+        "inference_roi": 128, "inference_repeats": 2, "pilot": False,
     }  # fmt: skip
     return {**protocol, **changes}
 
@@ -244,6 +257,16 @@ def test_summary_statistics_paired_comparison_and_targets(tmp_path):
     card, curve, metadata = update_bundle_docs(report, str(bundle))
     written = open(card).read()
     assert written.count(CARD_START) == written.count(CARD_END) == 1 and text in written
+    # the card's command is the one that reproduces the protocol: the tool's parameters, the protocol's values
+    command = benchmark_command(report["protocol"])
+    assert command in written
+    args = dict(zip(command.split()[2::2], command.split()[3::2]))
+    spec = importlib.util.spec_from_file_location("benchmark_hlwa_tool", TOOL)
+    tool_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool_module)
+    tool = inspect.signature(tool_module.main).parameters
+    assert {a[2:] for a in args} <= set(tool) and args["--learning_rate"] == "0.001" and args["--seeds"] == "0,1,2"
+    assert {k for k in report["protocol"] if k not in ("phantom", "pilot")} <= {a[2:] for a in args}
     assert os.path.isfile(curve) and os.path.dirname(curve) == str(bundle / "docs")
     meta = json.load(open(metadata))
     h1200 = report["models"]["hlwa"]["budgets"]["1200"]
@@ -271,7 +294,7 @@ def test_cli_refuses_a_bad_model_list_or_seed_count_in_one_line_before_writing_d
     work = tmp_path / "bench"
     for args, message in ((["--models", "hlwa,segresnet"], "swinunetr"), (["--seeds", "0"], "3 seeds")):
         out = subprocess.run(
-            [sys.executable, os.path.join(REPO, "tools", "benchmark_hlwa.py"), "--work_dir", str(work), *args],
+            [sys.executable, TOOL, "--work_dir", str(work), *args],
             capture_output=True,
             text=True,
             cwd=REPO,
