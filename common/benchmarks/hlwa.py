@@ -1,12 +1,32 @@
-"""HLWA-UNet against MONAI's SegResNet (Model Zoo ``brats_mri_segmentation`` settings), side by side.
+"""HLWA-UNet against MONAI's SegResNet and SwinUNETR on the realistic synthetic phantom, under wall-clock budgets.
 
-Both networks are trained on the same synthetic BraTS-layout data, with the same crops and the same wall-clock
-budget, through the HLWA bundle's own transforms (read from its ``configs/train.json``), then compared on
-held-out cases: Dice per region (TC, WT, ET), training step time, sliding-window inference time on one
-4 x 240 x 240 x 155 volume (ROI 128^3, overlap 0.5) and peak memory of a training step and of that inference
-(each measured in a fresh subprocess, so one model's peak does not hide the other's).
+The protocol, fixed before any result was seen:
 
-Every figure is measured in this run; nothing is copied from a paper.
+- **Data**: one synthetic BraTS 2021-layout dataset (``phantom="realistic"``, :mod:`common.data.synthetic.brain`),
+  split once by :func:`~common.data.datalist.build_datalist`: ``training``, a small ``validation`` set (for the
+  learning curve only) and ``testing`` (at least 12 held-out cases, for every reported Dice).
+- **Training**: every model is trained by the HLWA bundle's own ``train#trainer`` (its datalist, transforms,
+  crops, augmentation, batch size and data order, read from ``configs/train.json``), through
+  :func:`~common.benchmarks.budget.train_with_budget`; only ``network_def``, ``loss`` and the optimiser class are
+  overridden for the baselines (:data:`MODELS`). All models get the same learning rate, constant (a schedule
+  that does not depend on the budget, so one run gives the results at every budget).
+- **Models**: HLWA-UNet as the bundle ships it; SegResNet with the MONAI Model Zoo ``brats_mri_segmentation``
+  settings (16 filters, blocks 1-2-2-4 / 1-1-1, dropout 0.2, Adam, weight decay 1e-5); SwinUNETR (MONAI) at the
+  CPU-sized ``feature_size`` 12 (the BraTS tutorial uses 48), AdamW, weight decay 1e-5. Both baselines use the
+  Model Zoo's Dice loss, ``DiceLoss(sigmoid, squared_pred, smooth_nr=0, smooth_dr=1e-5)``, the Dice part of
+  HLWA-UNet's own loss.
+- **Budgets**: one run per (model, seed) up to the largest budget; the held-out test set is evaluated at every
+  budget (300, 600, 1200 s by default) and the validation set every ``curve_every_s`` seconds, with the training
+  clock stopped while evaluating. Each budget is reported as seconds and as the optimiser steps reached.
+- **Metrics**: Dice per region (TC, WT, ET; sigmoid > 0.5; sliding window at the crop size, overlap 0.5) per
+  test case; per model mean +- sd over seeds; a paired per-case comparison HLWA-UNet - each baseline (each
+  case's Dice averaged over seeds, Wilcoxon signed-rank test, scipy); median training-step time; sliding-window
+  inference time on one 4 x 240 x 240 x 155 volume (ROI 128, overlap 0.5) and peak memory of that inference and
+  of a training step at ROI 128, each in a fresh subprocess, interleaved over the models.
+
+Runs are cached (:func:`~common.benchmarks.budget.cached_run`): a killed benchmark, restarted with the same
+``work_dir`` and settings, trains only what is missing. ``jobs`` runs go in parallel processes of ``threads``
+torch threads each. Every figure is measured in this run; nothing is copied from a paper.
 """
 
 from __future__ import annotations
@@ -17,49 +37,25 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.benchmarks.budget import cached_run, train_with_budget
 from common.benchmarks.report import bundle_train_parser, write_report
+from common.io import atomic_path
 
-BUNDLE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "bundles",
-    "brats_mri_hlwa_segmentation",
-)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUNDLE = os.path.join(REPO, "bundles", "brats_mri_hlwa_segmentation")
 REGIONS = ("TC", "WT", "ET")
-MODALITIES = ("T1c", "T1", "T2", "FLAIR")
-# model name -> (network family, overrides of the bundle's train.json)
-MODELS = {
-    "hlwa": ("hlwa", {}),
-    "hlwa_modality_dropout": ("hlwa", {"modality_dropout_prob": 0.5}),
-    "segresnet": ("segresnet", {}),
-    # ablations of the contrastive term, trained only when asked for (``models=``)
-    "hlwa_no_rcl": ("hlwa", {"rcl_weight": 0.0}),
-    "hlwa_masked_rcl": ("hlwa", {"rcl_mode": "masked"}),
-}
-#: the models trained by default; ``hlwa`` and ``segresnet`` are always needed (the side-by-side table)
-DEFAULT_MODELS = ("hlwa", "hlwa_modality_dropout", "segresnet")
+NAMES = {"hlwa": "HLWA-UNet", "segresnet": "SegResNet (Model Zoo)", "swinunetr": "SwinUNETR (feature_size 12)"}
+BASELINES = ("segresnet", "swinunetr")
 
-
-def check_models(models) -> list[str]:
-    """The model names to train, validated: known names, no repeats, ``hlwa`` and ``segresnet`` included."""
-    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a model is listed twice: {names}")
-    missing = [m for m in ("hlwa", "segresnet") if m not in names]
-    if missing:
-        raise ValueError(f"the models must include {missing}: the report compares hlwa with segresnet")
-    return names
-
-
-# MONAI Model Zoo brats_mri_segmentation: SegResNet(blocks_down 1,2,2,4; blocks_up 1,1,1; 16 filters; dropout 0.2),
-# Adam lr 1e-4, weight decay 1e-5, DiceLoss(sigmoid, squared_pred, smooth_nr 0, smooth_dr 1e-5).
+#: the Model Zoo ``brats_mri_segmentation`` Dice loss, also the Dice part of HLWA-UNet's loss
+MODEL_ZOO_DICE = {"_target_": "DiceLoss", "sigmoid": True, "squared_pred": True, "smooth_nr": 0.0, "smooth_dr": 1e-5}
+#: MONAI Model Zoo brats_mri_segmentation: SegResNet(blocks_down 1,2,2,4; blocks_up 1,1,1; 16 filters; dropout 0.2)
 SEGRESNET = {
     "_target_": "SegResNet",
     "spatial_dims": 3,
@@ -70,108 +66,195 @@ SEGRESNET = {
     "blocks_up": [1, 1, 1],
     "dropout_prob": 0.2,
 }
+#: MONAI SwinUNETR as in its BraTS tutorial, but feature_size 12 instead of 48 (CPU-sized; must be a multiple of 12)
+SWINUNETR = {"_target_": "SwinUNETR", "spatial_dims": 3, "in_channels": 4, "out_channels": 3, "feature_size": 12}
+#: model name -> overrides of the HLWA bundle's train.json (everything else, data to trainer, is the bundle's)
+MODELS: dict[str, dict[str, Any]] = {
+    "hlwa": {},
+    "segresnet": {"network_def": SEGRESNET, "loss": MODEL_ZOO_DICE, "optimizer#_target_": "torch.optim.Adam"},
+    "swinunetr": {"network_def": SWINUNETR, "loss": MODEL_ZOO_DICE, "optimizer#_target_": "torch.optim.AdamW"},
+    # variants of HLWA-UNet, trained only when asked for (``models=``)
+    "hlwa_modality_dropout": {"modality_dropout_prob": 0.5},
+    "hlwa_no_rcl": {"rcl_weight": 0.0},
+    "hlwa_masked_rcl": {"rcl_mode": "masked"},
+}
+DEFAULT_MODELS = ("hlwa", "segresnet", "swinunetr")
 
 
-def _parser(dataset_dir: str, datalist: str, roi: list[int], overrides: dict[str, Any] | None = None):
-    return bundle_train_parser(BUNDLE, dataset_dir, datalist, {"roi_size": roi, **(overrides or {})})
+class ProtocolError(ValueError):
+    """The benchmark's settings break its protocol (too few seeds or test cases, another protocol's work folder)."""
 
 
-def build_model(name: str, parser) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, float]:
-    """(network, loss, optimizer, learning rate) for ``"hlwa"`` (the bundle's configs) or ``"segresnet"``."""
-    from monai.bundle import ConfigParser
-    from monai.losses import DiceLoss
-
-    if name == "hlwa":
-        net = parser.get_parsed_content("network_def")
-        loss = parser.get_parsed_content("loss")
-        lr = float(parser.get_parsed_content("learning_rate"))
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(parser.get_parsed_content("weight_decay")))
-    elif name == "segresnet":
-        seg = ConfigParser({"net": SEGRESNET})
-        net = seg.get_parsed_content("net")
-        loss = DiceLoss(sigmoid=True, squared_pred=True, smooth_nr=0, smooth_dr=1e-5)
-        lr = float(parser.get_parsed_content("learning_rate"))
-        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
-    else:
-        raise ValueError(f"unknown model {name!r}: use 'hlwa' or 'segresnet'")
-    return net, loss, opt, lr
+def check_models(models) -> list[str]:
+    """The model names to train, validated: known names, no repeats, ``hlwa`` and both baselines included."""
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model is listed twice: {names}")
+    missing = [m for m in ("hlwa", *BASELINES) if m not in names]
+    if missing:
+        raise ValueError(f"the models must include {missing}: the report compares hlwa with {', '.join(BASELINES)}")
+    return names
 
 
-def train_for(net, loss_fn, opt, loader, budget_s: float, device: torch.device, amp: bool) -> dict[str, float]:
-    """Train until ``budget_s`` seconds have passed (finishing the step in progress); return step statistics."""
-    net.to(device).train()
-    scaler = torch.amp.GradScaler(enabled=amp)
-    times, losses, start = [], [], time.perf_counter()
-    while time.perf_counter() - start < budget_s:
-        for batch in loader:
-            t0 = time.perf_counter()
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
-                loss = loss_fn(net(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
-            if time.perf_counter() - start >= budget_s:
-                break
-    return {
-        "steps": len(times),
-        "step_s_median": float(np.median(times)),
-        "first_loss": losses[0],
-        "last_loss": float(np.mean(losses[-5:])),
+def model_parser(
+    name: str,
+    dataset_dir: str,
+    datalist: str,
+    roi: int,
+    learning_rate: float,
+    seed: int = 0,
+    work_dir: str = "",
+    device: str | None = None,
+):
+    """The HLWA bundle's training ``ConfigParser`` for model ``name``: data, ``roi``^3 crops, learning rate, the
+    seed of the data order and the device (default the bundle's: CUDA when present); only the model's
+    :data:`MODELS` overrides differ between models."""
+    overrides = {
+        "roi_size": [int(roi)] * 3,
+        "learning_rate": float(learning_rate),
+        "seed": int(seed),
+        "ckpt_dir": os.path.join(work_dir, "unused_checkpoints"),
+        "output_dir": os.path.join(work_dir, "unused_logs"),
+        **MODELS[name],
     }
+    if device is not None:
+        overrides["device"] = f"$torch.device({str(device)!r})"
+    return bundle_train_parser(BUNDLE, dataset_dir, datalist, overrides)
 
 
-@torch.no_grad()
-def evaluate(net, loader, roi: list[int], device: torch.device, amp: bool, drop: int | None = None) -> dict[str, float]:
-    """Per-region Dice (sigmoid > 0.5) over held-out cases with sliding-window inference.
+class HeldOutDice:
+    """``evaluate`` for :func:`train_with_budget`: per-case Dice of the validation and/or test cases at each mark.
 
-    ``drop``: index of a modality (T1c, T1, T2, FLAIR) zeroed after normalisation, as ``DropChannelsd`` does.
+    ``marks`` are the sorted seconds given to ``train_with_budget`` as ``checkpoint_seconds``; the k-th call is
+    the k-th mark (the budget trainer calls once per mark, in order), and a call after the last mark is the end
+    of training. The test cases are evaluated at the marks in ``test_marks`` and at the end, the validation
+    cases at every call; marks passed within one training step reuse that step's evaluations. Returns
+    ``{"mark_s", "validation": {...}, "test": {...}}`` with ``dice`` (cases x TC/WT/ET), ``cases`` and ``dice_mean``.
     """
-    from monai.inferers import SlidingWindowInferer
-    from monai.metrics import DiceMetric
 
-    net.to(device).eval()
-    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.5)
-    metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
-    for batch in loader:
-        image = batch["image"].to(device)
-        if drop is not None:
-            image = image.clone()
-            image[:, drop] = 0
-        with torch.autocast(device.type, enabled=amp):
-            logits = inferer(image, net)
-        metric((torch.sigmoid(logits.float()) > 0.5).float(), batch["label"].to(device))
-    dice = metric.aggregate().cpu().numpy()
-    out = {f"dice_{r}": float(v) for r, v in zip(REGIONS, dice)}
-    out["dice_mean"] = float(dice.mean())
-    return out
+    def __init__(self, marks, test_marks, datalist: str, dataset_dir: str) -> None:
+        self.marks = sorted(float(m) for m in marks)
+        self.test_marks = {float(m) for m in test_marks}
+        self.datalist, self.dataset_dir = datalist, dataset_dir
+        self.calls = 0
+        self.datasets: dict[str, Any] = {}
+        self.last_step: int | None = None
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def _dataset(self, parser, split: str):
+        if split not in self.datasets:
+            from monai.data import CacheDataset
+
+            from common.data.decathlon import load_datalist
+
+            items = load_datalist(self.datalist, split, self.dataset_dir)
+            transform = parser.get_parsed_content("validate#preprocessing")
+            self.datasets[split] = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+        return self.datasets[split]
+
+    def dice(self, parser, split: str) -> dict[str, Any]:
+        from monai.metrics import DiceMetric
+
+        net = parser.get_parsed_content("network")
+        inferer = parser.get_parsed_content("validate#inferer")
+        device = parser.get_parsed_content("device")
+        metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+        net.eval()
+        cases = []
+        with torch.no_grad():
+            for item in self._dataset(parser, split):
+                logits = inferer(item["image"][None].to(device), net)
+                metric((torch.sigmoid(logits.float()) > 0.5).float(), item["label"][None].to(device))
+                cases.append(item.get("case", str(len(cases))))
+        net.train()
+        dice = metric.aggregate().cpu().numpy()
+        return {"cases": cases, "dice": dice.tolist(), "dice_mean": float(dice.mean())}
+
+    def __call__(self, parser, trainer) -> dict[str, Any]:
+        mark = self.marks[self.calls] if self.calls < len(self.marks) else None
+        self.calls += 1
+        step = getattr(getattr(trainer, "state", None), "iteration", None)
+        if step is None or step != self.last_step:  # marks passed within one step share its evaluations
+            self.last_step, self.last = step, {}
+        out: dict[str, Any] = {"mark_s": mark}
+        wanted = [("validation", "validation", "val_dice_mean")]
+        if mark is None or mark in self.test_marks:
+            wanted.append(("testing", "test", "test_dice_mean"))
+        for split, key, summary in wanted:
+            if split not in self.last:
+                self.last[split] = self.dice(parser, split)
+            out[key], out[summary] = self.last[split], self.last[split]["dice_mean"]
+        return out
 
 
-def _measure_child(model: str, mode: str, roi: int, shape: list[int], device: str) -> dict[str, float]:
+def train_one(task: dict[str, Any]) -> dict[str, Any]:
+    """One (model, seed) run up to ``max(budgets_s)`` seconds; see :class:`HeldOutDice`. Picklable for a pool."""
+    torch.set_num_threads(int(task["threads"]))
+    parser = model_parser(
+        task["model"],
+        task["dataset_dir"],
+        task["datalist"],
+        task["roi"],
+        task["learning_rate"],
+        task["seed"],
+        task["work_dir"],
+        task["device"],
+    )
+    budgets = [float(b) for b in task["budgets_s"]]
+    curve = np.arange(task["curve_every_s"], max(budgets), task["curve_every_s"]).tolist()
+    marks = sorted(set(curve) | set(budgets))
+    evaluate = HeldOutDice(marks, budgets, task["datalist"], task["dataset_dir"])
+    result = train_with_budget(
+        parser,
+        model=task["model"],
+        seed=task["seed"],
+        max_seconds=max(budgets),
+        checkpoint_seconds=marks,
+        evaluate=evaluate,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    result["parameters_m"] = sum(p.numel() for p in parser.get_parsed_content("network").parameters()) / 1e6
+    result["learning_rate"] = task["learning_rate"]
+    return result
+
+
+def _run_cached(task: dict[str, Any]) -> dict[str, Any]:
+    path = os.path.join(task["work_dir"], "runs", f"{task['model']}_seed{task['seed']}.json")
+    return cached_run(path, lambda: train_one(task), say=lambda msg: print(msg, flush=True))
+
+
+def _measure_child(model: str, mode: str, roi: int, shape: list[int], device: str, threads: int) -> dict[str, float]:
     """Run :func:`child_main` in a fresh interpreter; return its timing and peak memory."""
-    cmd = [sys.executable, "-m", "common.benchmarks.hlwa", model, mode, str(roi), ",".join(map(str, shape)), device]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(BUNDLE)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "common.benchmarks.hlwa",
+        model,
+        mode,
+        str(roi),
+        ",".join(map(str, shape)),
+        device,
+        str(threads),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {model} {mode} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def child_main(model: str, mode: str, roi: int, shape: str, device: str) -> None:
-    """One measurement in a fresh process: ``infer`` (sliding window over a whole volume) or ``train`` (one step).
-
-    Prints one JSON line: seconds and peak resident memory (CPU: ``ru_maxrss``; CUDA: ``max_memory_allocated``).
-    """
+def child_main(model: str, mode: str, roi: int, shape: str, device: str, threads: str = "1") -> None:
+    """One measurement in a fresh process: ``infer`` (sliding window over a whole volume) or ``train`` (one step
+    at ``roi``^3, batch 1). Prints one JSON line: seconds and peak memory (CPU: ``ru_maxrss``; CUDA:
+    ``max_memory_allocated``)."""
+    torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     roi = int(roi)
     dev = torch.device(device)
-    parser = _parser("", "", [roi] * 3)
-    net, loss_fn, opt, _ = build_model(model, parser)
-    net.to(dev)
+    parser = model_parser(model, "", "", roi, 1e-4, device=device)
+    net = parser.get_parsed_content("network_def").to(dev)
     amp = dev.type == "cuda"
     size = [int(s) for s in shape.split(",")]
     if mode == "infer":
@@ -190,6 +273,8 @@ def child_main(model: str, mode: str, roi: int, shape: str, device: str) -> None
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
     else:
+        loss_fn = parser.get_parsed_content("loss")
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         net.train()
         x = torch.randn(1, 4, roi, roi, roi, device=dev)
         y = (torch.rand(1, 3, roi, roi, roi, device=dev) > 0.9).float()
@@ -208,164 +293,391 @@ def child_main(model: str, mode: str, roi: int, shape: str, device: str) -> None
     print(json.dumps({"seconds": seconds, "peak_gb": peak_gb}))
 
 
-def run_benchmark(
-    work_dir: str = "runs/benchmark_hlwa",
-    num_cases: int = 16,
-    shape: tuple[int, ...] = (96, 96, 64),
-    roi: int = 64,
-    budget_s: float = 300.0,
-    learning_rate: float | None = None,
-    inference_shape: tuple[int, ...] = (240, 240, 155),
-    inference_roi: int = 128,
-    memory_roi: int = 128,
-    inference_repeats: int = 2,
-    device: str = "auto",
-    seed: int = 0,
-    models=DEFAULT_MODELS,
-) -> dict[str, Any]:
-    """Train each model for ``budget_s`` seconds on the same data and crops; compare on held-out cases.
-
-    Models (``models``, names of :data:`MODELS`; default :data:`DEFAULT_MODELS`): HLWA-UNet as configured in the
-    bundle, the same with random modality dropout (p = 0.5), and SegResNet with the Model Zoo settings; optionally
-    the RCL ablations ``hlwa_no_rcl`` (weight 0) and ``hlwa_masked_rcl`` (mask-pooled form). ``learning_rate``
-    (default: the bundle's 1e-4, as in the Model Zoo) applies to all. The HLWA models are also evaluated with each
-    single modality missing.
-    """
-    from monai.data import DataLoader
-
+def prepare_data(work_dir: str, num_cases: int, shape, seed: int, val_fraction: float, test_fraction: float):
+    """Write the realistic-phantom dataset once (reused when complete) and its datalist; return both paths."""
     from common.data.datalist import build_datalist, save_datalist
     from common.data.synthetic.write import write_synthetic_dataset
 
-    names = check_models(models)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    amp = dev.type == "cuda"
-    work_dir = os.path.abspath(work_dir)
-    data_dir = os.path.join(work_dir, f"brats2021_{num_cases}x{'x'.join(map(str, shape))}_seed{seed}")
+    data_dir = os.path.join(work_dir, f"brats2021_realistic_{num_cases}x{'x'.join(map(str, shape))}_seed{seed}")
     if not os.path.isfile(os.path.join(data_dir, ".complete")):
-        print(f"writing {num_cases} synthetic BraTS 2021 cases of {shape} to {data_dir}", flush=True)
-        write_synthetic_dataset("brats2021", data_dir, num_cases=num_cases, shape=list(shape), seed=seed)
-        open(os.path.join(data_dir, ".complete"), "w").close()
+        print(f"writing {num_cases} realistic synthetic BraTS 2021 cases of {list(shape)} to {data_dir}", flush=True)
+        write_synthetic_dataset(
+            "brats2021", data_dir, num_cases=num_cases, shape=list(shape), seed=seed, phantom="realistic"
+        )
+        with open(os.path.join(data_dir, ".complete"), "w") as f:
+            f.write("complete\n")
     datalist = os.path.join(work_dir, "datalist.json")
     save_datalist(
-        build_datalist("brats2021", data_dir, seed=seed, val_fraction=0.0, test_fraction=0.25, progress=False), datalist
+        build_datalist(
+            "brats2021", data_dir, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, progress=False
+        ),
+        datalist,
     )
-    overrides = {} if learning_rate is None else {"learning_rate": learning_rate}
-    results: dict[str, Any] = {
-        "device": str(dev),
-        "num_cases": num_cases,
+    return data_dir, datalist
+
+
+def run_benchmark(
+    work_dir: str = "runs/benchmark_hlwa",
+    num_cases: int = 40,
+    shape: tuple[int, ...] = (96, 96, 64),
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.3,
+    roi: int = 64,
+    budgets_s: tuple[float, ...] = (300.0, 600.0, 1200.0),
+    curve_every_s: float = 100.0,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    learning_rate: float = 1e-3,
+    models=DEFAULT_MODELS,
+    jobs: int = 1,
+    threads: int = 1,
+    data_seed: int = 0,
+    inference_shape: tuple[int, ...] = (240, 240, 155),
+    inference_roi: int = 128,
+    inference_repeats: int = 2,
+    device: str = "cpu",
+    pilot: bool = False,
+) -> dict[str, Any]:
+    """Run the protocol of the module docstring; write ``benchmark_hlwa.{json,md}`` and the learning curve PNG.
+
+    The protocol needs at least 3 seeds and 12 test cases (:class:`ProtocolError` otherwise) unless ``pilot``:
+    a pilot (e.g. one seed, 60 s budgets, a few cases) checks the pipeline end to end, and its report says
+    ``"pilot": true``, which :func:`update_bundle_docs` refuses. Results of finished runs and measurements under
+    ``work_dir`` are reused; the settings are stored in ``work_dir/protocol.json`` and a rerun with other
+    settings in the same folder is refused.
+    """
+    names = check_models(models)
+    seeds = [int(s) for s in seeds]
+    budgets = sorted(float(b) for b in budgets_s)
+    if len(seeds) < 3 and not pilot:
+        raise ProtocolError(f"the protocol needs at least 3 seeds, got {seeds} (or set pilot)")
+    work_dir = os.path.abspath(work_dir)
+    protocol = {
+        "num_cases": int(num_cases),
         "shape": list(shape),
-        "roi": roi,
-        "budget_s": budget_s,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "roi": int(roi),
+        "budgets_s": budgets,
+        "curve_every_s": float(curve_every_s),
+        "learning_rate": float(learning_rate),
+        "threads": int(threads),
+        "data_seed": int(data_seed),
+        "phantom": "realistic",
+        "device": device,
+        "seeds": seeds,
         "inference_shape": list(inference_shape),
-        "inference_roi": inference_roi,
-        "torch_threads": torch.get_num_threads(),
-        "models": {},
+        "inference_roi": int(inference_roi),
+        "inference_repeats": int(inference_repeats),
+        "pilot": bool(pilot),
     }
-    for name in names:
-        family, model_overrides = MODELS[name]
-        torch.manual_seed(seed)
-        parser = _parser(data_dir, datalist, [roi] * 3, {**overrides, **model_overrides})
-        net, loss_fn, opt, lr = build_model(family, parser)
-        train_loader = DataLoader(parser.get_parsed_content("train#dataset"), batch_size=2, shuffle=True)
-        parser["validate#datalist"] = "$load_datalist(@data_list_file_path, 'testing', @dataset_dir)"
-        test_loader = DataLoader(parser.get_parsed_content("validate#dataset"), batch_size=1)
-        params = sum(p.numel() for p in net.parameters())
-        print(
-            f"[{name}] {params / 1e6:.2f} M parameters, lr {lr:g}, training for {budget_s:.0f} s on {dev} ...",
-            flush=True,
-        )
-        stats = train_for(net, loss_fn, opt, train_loader, budget_s, dev, amp)
-        stats.update(evaluate(net, test_loader, [roi] * 3, dev, amp))
-        stats.update(params_m=params / 1e6, learning_rate=lr, test_cases=len(test_loader.dataset))
-        if family == "hlwa":
-            stats["missing_modality"] = {
-                m: evaluate(net, test_loader, [roi] * 3, dev, amp, drop=i)["dice_mean"]
-                for i, m in enumerate(MODALITIES)
-            }
-        results["models"][name] = stats
-        print(
-            f"[{name}] {stats['steps']} steps, median step {stats['step_s_median']:.2f} s, held-out Dice "
-            f"TC {stats['dice_TC']:.3f} WT {stats['dice_WT']:.3f} ET {stats['dice_ET']:.3f}",
-            flush=True,
-        )
-    # interleaved so that machine load affects both models alike
-    for rep in range(inference_repeats):
-        for name in ("hlwa", "segresnet"):
-            m = _measure_child(name, "infer", inference_roi, list(inference_shape), str(dev))
-            results["models"][name].setdefault("infer_s", []).append(m["seconds"])
-            results["models"][name]["infer_peak_gb"] = max(
-                results["models"][name].get("infer_peak_gb", 0), m["peak_gb"]
-            )
+    _check_protocol(work_dir, protocol)
+    dataset_dir, datalist = prepare_data(work_dir, num_cases, shape, data_seed, val_fraction, test_fraction)
+    with open(datalist) as f:
+        split = json.load(f)
+    if len(split["testing"]) < 12 and not pilot:
+        raise ProtocolError(f"the protocol needs at least 12 test cases, got {len(split['testing'])} (or set pilot)")
+    tasks = [
+        {"model": m, "seed": s, "dataset_dir": dataset_dir, "datalist": datalist, "work_dir": work_dir, **protocol}
+        for s in seeds
+        for m in names
+    ]
+    print(
+        f"HLWA benchmark: {len(tasks)} runs ({', '.join(names)} x seeds {seeds}) of {max(budgets):.0f} s, "
+        f"{jobs} at a time with {threads} thread(s) each; {len(split['training'])} training, "
+        f"{len(split['validation'])} validation, {len(split['testing'])} test cases",
+        flush=True,
+    )
+    if jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(_run_cached, tasks))
+    else:
+        runs = [_run_cached(t) for t in tasks]
+    measurements = _measurements(
+        work_dir, names, inference_roi, list(inference_shape), device, threads, inference_repeats
+    )
+    report = summarise(runs, measurements, protocol, split)
+    write_report(work_dir, "benchmark_hlwa", report, format_report(report))
+    plot_learning_curve(report, os.path.join(work_dir, "benchmark_hlwa_learning_curve.png"))
+    return report
+
+
+def _check_protocol(work_dir: str, protocol: dict[str, Any]) -> None:
+    path = os.path.join(work_dir, "protocol.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored != protocol:
+            changed = sorted(k for k in set(stored) | set(protocol) if stored.get(k) != protocol.get(k))
+            raise ProtocolError(f"{work_dir} holds runs of another protocol (differs in {changed}); use a new work_dir")
+        return
+    os.makedirs(work_dir, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(protocol, f, indent=2)
+
+
+def _measurements(work_dir, names, roi, shape, device, threads, repeats) -> dict[str, dict[str, Any]]:
+    """Inference and training-step timing and memory per model, in fresh processes, interleaved, cached."""
+    out: dict[str, dict[str, Any]] = {}
+    models = [n for n in ("hlwa", *BASELINES) if n in names]
+    for rep in range(repeats):
+        for name in models:
+            path = os.path.join(work_dir, "measurements", f"{name}_infer_{rep}.json")
+            m = cached_run(path, lambda name=name: _measure_child(name, "infer", roi, shape, device, threads), say=None)
+            out.setdefault(name, {}).setdefault("infer_s", []).append(m["seconds"])
+            out[name]["infer_peak_gb"] = max(out[name].get("infer_peak_gb", 0.0), m["peak_gb"])
             print(
-                f"[{name}] sliding-window inference on 4x{'x'.join(map(str, inference_shape))} (roi "
-                f"{inference_roi}) run {rep + 1}: {m['seconds']:.1f} s, peak {m['peak_gb']:.2f} GB",
+                f"[{name}] inference on 4x{'x'.join(map(str, shape))} (roi {roi}) run {rep + 1}: "
+                f"{m['seconds']:.1f} s, peak {m['peak_gb']:.2f} GB",
                 flush=True,
             )
-    for name in ("hlwa", "segresnet"):
-        m = _measure_child(name, "train", memory_roi, list(inference_shape), str(dev))
-        results["models"][name].update(train_step_roi_s=m["seconds"], train_peak_gb=m["peak_gb"])
-        print(
-            f"[{name}] one training step at roi {memory_roi}: {m['seconds']:.1f} s, peak {m['peak_gb']:.2f} GB",
-            flush=True,
-        )
-    h, s = results["models"]["hlwa"], results["models"]["segresnet"]
-    results["targets"] = {
-        "mean_dice_at_least_segresnet": h["dice_mean"] >= s["dice_mean"],
-        "inference_at_most_2x_segresnet": min(h["infer_s"]) <= 2 * min(s["infer_s"]),
-        "peak_memory_under_8gb_roi128": max(h["train_peak_gb"], h["infer_peak_gb"]) < 8.0,
+    for name in models:
+        path = os.path.join(work_dir, "measurements", f"{name}_train.json")
+        m = cached_run(path, lambda name=name: _measure_child(name, "train", roi, shape, device, threads), say=None)
+        out[name].update(train_step_roi_s=m["seconds"], train_peak_gb=m["peak_gb"])
+        print(f"[{name}] one training step at roi {roi}: {m['seconds']:.1f} s, peak {m['peak_gb']:.2f} GB", flush=True)
+    return out
+
+
+def _mean_sd(values) -> dict[str, float]:
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+
+
+def summarise(runs: list[dict], measurements: dict, protocol: dict, split: dict) -> dict[str, Any]:
+    """The report: per model and budget Dice (mean +- sd over seeds) and steps, paired per-case comparisons,
+    learning curves, speed and memory, and the targets.
+
+    ``runs``: results of :func:`train_one`; ``measurements``: model -> ``infer_s`` (list), ``infer_peak_gb``,
+    ``train_step_roi_s``, ``train_peak_gb``; ``split``: the datalist.
+    """
+    from scipy.stats import wilcoxon
+
+    budgets = protocol["budgets_s"]
+    models: dict[str, Any] = {}
+    per_case: dict[str, dict[float, np.ndarray]] = {}
+    for name in dict.fromkeys(r["model"] for r in runs):
+        mine = sorted((r for r in runs if r["model"] == name), key=lambda r: r["seed"])
+        entry: dict[str, Any] = {
+            "seeds": [r["seed"] for r in mine],
+            "parameters_m": mine[0]["parameters_m"],
+            "step_seconds_median": _mean_sd([r["step_seconds_median"] for r in mine]),
+            "steps_per_second": _mean_sd([1.0 / r["step_seconds_median"] for r in mine]),
+            "budgets": {},
+            "curve": [[[c["seconds"], c["metrics"]["val_dice_mean"]] for c in r["checkpoints"]] for r in mine],
+        }
+        per_case[name] = {}
+        for budget in budgets:
+            points = [next(c for c in r["checkpoints"] if c["metrics"]["mark_s"] == budget) for r in mine]
+            dice = np.array([c["metrics"]["test"]["dice"] for c in points])  # seeds x cases x regions
+            per_case[name][budget] = dice.mean(axis=(0, 2))
+            entry["budgets"][str(int(budget))] = {
+                "seconds": _mean_sd([c["seconds"] for c in points]),
+                "steps": _mean_sd([c["steps"] for c in points]),
+                "dice_mean": _mean_sd(dice.mean(axis=(1, 2))),
+                **{f"dice_{r}": _mean_sd(dice[:, :, i].mean(axis=1)) for i, r in enumerate(REGIONS)},
+                "per_seed_dice_mean": dice.mean(axis=(1, 2)).tolist(),
+            }
+        entry.update(measurements.get(name, {}))
+        models[name] = entry
+    paired: dict[str, Any] = {}
+    for baseline in BASELINES:
+        paired[baseline] = {}
+        for budget in budgets:
+            diff = per_case["hlwa"][budget] - per_case[baseline][budget]
+            paired[baseline][str(int(budget))] = {
+                "mean_difference": float(diff.mean()),
+                "sd_difference": float(diff.std(ddof=1)),
+                "hlwa_better_cases": int((diff > 0).sum()),
+                "cases": int(diff.size),
+                "wilcoxon_p": float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0,
+            }
+    h = models["hlwa"]
+    targets = {}
+    for budget in budgets[1:]:
+        key = str(int(budget))
+        for baseline in BASELINES:
+            theirs = models[baseline]["budgets"][key]["dice_mean"]["mean"]
+            targets[f"Dice at {key} s >= {NAMES[baseline]}"] = h["budgets"][key]["dice_mean"]["mean"] >= theirs
+    if "infer_s" in h and "infer_s" in models["segresnet"]:
+        targets["inference <= 1.0x SegResNet"] = min(h["infer_s"]) <= min(models["segresnet"]["infer_s"])
+    step = models["segresnet"]["step_seconds_median"]["mean"]
+    targets["training step <= 1.3x SegResNet"] = h["step_seconds_median"]["mean"] <= 1.3 * step
+    return {
+        "protocol": protocol,
+        "split": {k: len(split[k]) for k in ("training", "validation", "testing")},
+        "models": models,
+        "paired": paired,
+        "targets": targets,
     }
-    table = format_table(results)
-    write_report(work_dir, "benchmark_hlwa", results, table)
-    return results
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """Markdown table of the benchmark, one column per model, plus the targets."""
-    h, s = results["models"]["hlwa"], results["models"]["segresnet"]
-    rows = [
-        ("parameters (M)", "params_m", "{:.2f}"),
-        ("training steps in budget", "steps", "{:d}"),
-        ("training step, median (s)", "step_s_median", "{:.2f}"),
-        ("held-out Dice TC", "dice_TC", "{:.3f}"),
-        ("held-out Dice WT", "dice_WT", "{:.3f}"),
-        ("held-out Dice ET", "dice_ET", "{:.3f}"),
-        ("held-out Dice mean", "dice_mean", "{:.3f}"),
-    ]
-    lines = [
-        f"Device {results['device']}, {results['num_cases']} synthetic cases of {results['shape']}, crops "
-        f"{results['roi']}^3, {results['budget_s']:.0f} s training each, torch threads {results['torch_threads']}.",
-        "",
-        "| | HLWA-UNet | SegResNet (Model Zoo) |",
-        "| --- | ---: | ---: |",
-    ]
-    for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(h[key])} | {fmt.format(s[key])} |")
-    shape = "x".join(map(str, results["inference_shape"]))
-    lines.append(
-        f"| inference 4x{shape}, roi {results['inference_roi']} (s, best of {len(h['infer_s'])}) | {min(h['infer_s']):.1f} | "
-        f"{min(s['infer_s']):.1f} |"
+def benchmark_command(protocol: dict[str, Any], jobs: int = 2) -> str:
+    """The ``tools/benchmark_hlwa.py`` command line that runs ``protocol`` (every setting spelt out)."""
+    p = protocol
+    return (
+        f"python tools/benchmark_hlwa.py --num_cases {p['num_cases']} --shape {','.join(map(str, p['shape']))} "
+        f"--val_fraction {p['val_fraction']:g} --test_fraction {p['test_fraction']:g} --data_seed {p['data_seed']} "
+        f"--roi {p['roi']} --budgets_s {','.join(f'{b:g}' for b in p['budgets_s'])} "
+        f"--curve_every_s {p['curve_every_s']:g} --seeds {','.join(map(str, p['seeds']))} "
+        f"--learning_rate {p['learning_rate']:g} --inference_shape {','.join(map(str, p['inference_shape']))} "
+        f"--inference_roi {p['inference_roi']} --inference_repeats {p['inference_repeats']} --device {p['device']} "
+        f"--jobs {jobs} --threads {p['threads']}" + (" --pilot true" if p.get("pilot") else "")
     )
-    lines.append(f"| peak memory, that inference (GB) | {h['infer_peak_gb']:.2f} | {s['infer_peak_gb']:.2f} |")
-    lines.append(f"| one training step at roi 128^3 (s) | {h['train_step_roi_s']:.1f} | {s['train_step_roi_s']:.1f} |")
-    lines.append(f"| peak memory, that training step (GB) | {h['train_peak_gb']:.2f} | {s['train_peak_gb']:.2f} |")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown: the protocol, Dice and steps per model and budget, the paired comparison, speed, targets."""
+    p, models = report["protocol"], report["models"]
+    budgets = [str(int(b)) for b in p["budgets_s"]]
+    split = report["split"]
+    fmt = "{mean:.3f} +- {sd:.3f}".format_map
+    lines = ["**PILOT run, not the protocol (too few seeds or test cases).**", ""] if p.get("pilot") else []
+    lines += [
+        f'Synthetic data (realistic phantom, `phantom="realistic"`): {split["training"]} training, '
+        f"{split['validation']} validation (learning curve only) and {split['testing']} held-out test cases of "
+        f"{'x'.join(map(str, p['shape']))} voxels; crops {p['roi']}^3, batch 2, the HLWA bundle's transforms and "
+        f"trainer for every model, constant learning rate {p['learning_rate']:g}; seeds {p['seeds']}; "
+        f"{p['threads']} torch thread(s) per run; device {p['device']}. Held-out test Dice, mean +- sd over seeds.",
+        "",
+        "| model | params (M) | budget (s) | steps | Dice mean | TC | WT | ET |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in models.items():
+        for b in budgets:
+            e = m["budgets"][b]
+            lines.append(
+                f"| {NAMES.get(name, name)} | {m['parameters_m']:.2f} | {b} | {e['steps']['mean']:.0f} +- "
+                f"{e['steps']['sd']:.0f} | {fmt(e['dice_mean'])} | {fmt(e['dice_TC'])} | {fmt(e['dice_WT'])} | "
+                f"{fmt(e['dice_ET'])} |"
+            )
     lines += [
         "",
-        "Held-out mean Dice with one modality missing (zeroed after normalisation):",
+        "Paired per-case comparison: each test case's Dice (mean over regions and seeds), HLWA-UNet minus the "
+        "baseline, Wilcoxon signed-rank test:",
         "",
-        "| model | none missing | " + " | ".join(f"no {m}" for m in MODALITIES) + " |",
-        "| --- | ---: |" + " ---: |" * len(MODALITIES),
+        "| baseline | budget (s) | mean difference | sd | cases where HLWA-UNet is better | p |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, stats in results["models"].items():
-        if "missing_modality" in stats:
+    for baseline, rows in report["paired"].items():
+        for b in budgets:
+            r = rows[b]
             lines.append(
-                f"| {name} | {stats['dice_mean']:.3f} | "
-                + " | ".join(f"{stats['missing_modality'][m]:.3f}" for m in MODALITIES)
-                + " |"
+                f"| {NAMES[baseline]} | {b} | {r['mean_difference']:+.3f} | {r['sd_difference']:.3f} | "
+                f"{r['hlwa_better_cases']}/{r['cases']} | {r['wilcoxon_p']:.3g} |"
             )
+    names = list(models)
+    rows = [("training step, median (s)", lambda m: f"{m['step_seconds_median']['mean']:.2f}")]
+    rows.append(("steps per second", lambda m: f"{m['steps_per_second']['mean']:.2f}"))
+    if all("infer_s" in models[n] for n in names):
+        shape = "x".join(map(str, p["inference_shape"]))
+        rows += [
+            (
+                f"inference 4x{shape}, roi {p['inference_roi']} (s, best of {p['inference_repeats']})",
+                lambda m: f"{min(m['infer_s']):.1f}",
+            ),
+            ("peak memory, that inference (GB)", lambda m: f"{m['infer_peak_gb']:.2f}"),
+            (f"one training step at roi {p['inference_roi']} (s)", lambda m: f"{m['train_step_roi_s']:.1f}"),
+            ("peak memory, that training step (GB)", lambda m: f"{m['train_peak_gb']:.2f}"),
+        ]
+    lines += ["", "| | " + " | ".join(NAMES.get(n, n) for n in names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines += [f"| {label} | " + " | ".join(cell(models[n]) for n in names) + " |" for label, cell in rows]
     lines.append("")
-    for target, ok in results["targets"].items():
-        lines.append(f"- {target.replace('_', ' ')}: {'met' if ok else 'NOT met'}")
+    lines += [f"- {target}: {'met' if ok else 'NOT met'}" for target, ok in report["targets"].items()]
     return "\n".join(lines)
+
+
+def plot_learning_curve(report: dict[str, Any], png: str) -> str:
+    """Validation Dice against training seconds, one line per model (mean over seeds) with a min-max seed band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, m in report["models"].items():
+        grid = sorted({round(s) for curve in m["curve"] for s, _ in curve})
+        values = np.array([np.interp(grid, [s for s, _ in c], [v for _, v in c]) for c in m["curve"]])
+        (line,) = ax.plot(grid, values.mean(axis=0), marker=".", label=NAMES.get(name, name))
+        ax.fill_between(grid, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+    for budget in report["protocol"]["budgets_s"]:
+        ax.axvline(budget, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel(f"training time (s, {report['protocol']['threads']} torch thread(s) per run)")
+    ax.set_ylabel("validation Dice (mean of TC, WT, ET)")
+    ax.set_ylim(0, 1)
+    seeds = len(next(iter(report["models"].values()))["seeds"])
+    ax.set_title(f"Synthetic data (realistic phantom): mean and range over {seeds} seeds", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png
+
+
+CARD_START, CARD_END = "<!-- benchmark-report:start -->", "<!-- benchmark-report:end -->"
+CURVE_FILE = "benchmark_learning_curve.png"
+
+
+def update_bundle_docs(report: dict[str, Any], bundle_dir: str = BUNDLE) -> tuple[str, str, str]:
+    """Write the benchmark into the bundle: the model card's section between :data:`CARD_START` and
+    :data:`CARD_END` (command, tables, learning curve, targets), ``docs/`` + :data:`CURVE_FILE`, and
+    ``eval_metrics`` in ``configs/metadata.json`` (HLWA-UNet at the largest budget, labelled synthetic).
+
+    Returns the paths of the card, the PNG and the metadata. Raises ``ValueError`` for a pilot report or a card
+    without the markers.
+    """
+    card = os.path.join(bundle_dir, "docs", "README.md")
+    with open(card) as f:
+        text = f.read()
+    if report["protocol"].get("pilot"):
+        raise ValueError("a pilot report (fewer seeds or test cases than the protocol) does not go into the card")
+    if text.count(CARD_START) != 1 or text.count(CARD_END) != 1:
+        raise ValueError(f"{card} needs exactly one {CARD_START} and one {CARD_END} line")
+    png = plot_learning_curve(report, os.path.join(bundle_dir, "docs", CURVE_FILE))
+    p = report["protocol"]
+    section = "\n".join(
+        [
+            CARD_START,
+            "",
+            "Written by `tools/benchmark_hlwa.py --update_bundle true` from the run's report; do not edit by hand.",
+            "",
+            "```bash",
+            benchmark_command(p),
+            "```",
+            "",
+            format_report(report),
+            "",
+            f"![validation Dice against training time]({CURVE_FILE})",
+            "",
+            CARD_END,
+        ]
+    )
+    head, rest = text.split(CARD_START)
+    _, tail = rest.split(CARD_END)
+    with atomic_path(card) as tmp, open(tmp, "w") as f:
+        f.write(head + section + tail)
+    metadata = os.path.join(bundle_dir, "configs", "metadata.json")
+    with open(metadata) as f:
+        meta = json.load(f)
+    budget = str(int(max(p["budgets_s"])))
+    h = report["models"]["hlwa"]["budgets"][budget]
+    meta["eval_metrics"] = {
+        **{f"synthetic_test_dice_{r}": round(h[f"dice_{r}"]["mean"], 4) for r in REGIONS},
+        "synthetic_test_mean_dice": round(h["dice_mean"]["mean"], 4),
+        "synthetic_test_mean_dice_sd_over_seeds": round(h["dice_mean"]["sd"], 4),
+        "note": (
+            f"SYNTHETIC data only, not a BraTS result: tools/benchmark_hlwa.py, realistic phantom, "
+            f"{report['split']['testing']} held-out cases of {'x'.join(map(str, p['shape']))}, crops {p['roi']}^3, "
+            f"{budget} s of training per run ({h['steps']['mean']:.0f} steps, {p['threads']} thread(s), "
+            f"{p['device']}), lr {p['learning_rate']:g}, mean of seeds {p['seeds']}"
+        ),
+    }
+    with atomic_path(metadata) as tmp, open(tmp, "w") as f:
+        json.dump(meta, f, indent=4)
+        f.write("\n")
+    return card, png, metadata
 
 
 if __name__ == "__main__":
