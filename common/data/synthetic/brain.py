@@ -1,15 +1,25 @@
 """Synthetic brain tumour MRI: four co-registered, skull-stripped modalities on real MNI152 anatomy.
 
 The anatomy is the ICBM 2009a MNI152 template and its grey/white matter maps that nilearn ships inside its
-wheel (no download); cerebrospinal fluid is the rest of the brain mask. A glioma-like tumour (necrotic
-core, enhancing rim, edema spreading along white matter) is placed inside the brain, pushes the surrounding
-tissue away (mass effect), and the four modalities are rendered from tissue fractions with per-modality
-contrasts, a smooth multiplicative bias field and Rician noise:
+wheel (no download); cerebrospinal fluid is the rest of the brain mask. Two phantoms (:data:`BRAIN_PHANTOMS`,
+the ``phantom`` argument of :func:`make_brain_case`):
+
+``"basic"`` (the default; the tiny CI data and the demo use it): one glioma-like tumour (necrotic core,
+enhancing rim, edema spreading along white matter) is placed inside the brain, pushes the surrounding tissue
+away (mass effect), and the four modalities are rendered from tissue fractions with per-modality contrasts, a
+smooth multiplicative bias field and Rician noise:
 
 - T1:    WM > GM > CSF (CSF dark); tumour hypointense.
 - T1ce:  as T1, plus a bright enhancing rim around a dark necrotic core.
 - T2:    CSF > GM > WM (CSF bright); edema and necrosis bright.
 - FLAIR: T2-like with CSF suppressed (darker than WM); edema brightest.
+
+Its tumours are large (whole tumour about 45-210 mL), with a closed rim, a sharp edema border and one
+contrast per modality, and a network separates them almost perfectly (held-out Dice near 0.99): too easy to
+rank methods.
+
+``"realistic"`` (:func:`make_realistic_brain_case`) is harder, for benchmarks; see that function for what it
+models and what it does not.
 
 The module also holds the pieces shared by the other phantoms (:mod:`.chest_ct`, :mod:`.mri_pet`):
 shape validation, smooth random fields, MNI152 resampling and Rician noise.
@@ -26,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "BRAIN_PHANTOMS",
     "BRATS_FIELD_OF_VIEW_MM",
     "BRATS_MODALITIES",
     "ENHANCING",
@@ -37,9 +48,11 @@ __all__ = [
     "add_rician_noise",
     "brats_affine",
     "brats_spacing",
+    "check_phantom",
     "check_shape",
     "load_mni152_anatomy",
     "make_brain_case",
+    "make_realistic_brain_case",
     "mni152_on_grid",
     "radial_mass_effect",
     "resample_to_grid",
@@ -55,6 +68,8 @@ BRATS_FIELD_OF_VIEW_MM = (240.0, 240.0, 155.0)
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: BraTS 2018-2021 label values of the returned ``seg`` (0 = background and healthy tissue).
 NECROTIC_CORE, EDEMA, ENHANCING = 1, 2, 4
+#: the tumour phantoms of :func:`make_brain_case`: today's easy one (default) and the benchmark one.
+BRAIN_PHANTOMS = ("basic", "realistic")
 
 #: Mean signal of each tissue per modality, relative to white matter in T1 (jittered by +-6 % per case).
 TISSUE_CONTRAST: dict[str, dict[str, float]] = {
@@ -366,10 +381,31 @@ def _tumour_centre(
     return None
 
 
+def check_phantom(phantom: str) -> str:
+    """Return ``phantom`` if it is one of :data:`BRAIN_PHANTOMS`, else raise ``ValueError`` listing them."""
+    if phantom not in BRAIN_PHANTOMS:
+        raise ValueError(f"phantom must be one of {', '.join(BRAIN_PHANTOMS)}; got {phantom!r}")
+    return phantom
+
+
+def _brain_grid(shape: tuple[int, int, int]):
+    """Spacing, BraTS affine, voxel-to-MNI map, MNI152 maps, brain mask and MNI z per slice of a grid."""
+    spacing = brats_spacing(shape)
+    affine = brats_affine(shape, spacing)
+    voxel_to_mni = _brats_voxel_to_mni(shape, affine)
+    anatomy = mni152_on_grid(shape, voxel_to_mni)
+    brain = anatomy["mask"] > 0.5
+    mni_z = voxel_to_mni[2, 2] * np.arange(shape[2]) + voxel_to_mni[2, 3]
+    return spacing, affine, anatomy, brain, mni_z
+
+
 def make_brain_case(
-    shape: Sequence[int] = (240, 240, 155), rng: np.random.Generator | int | None = None
+    shape: Sequence[int] = (240, 240, 155), rng: np.random.Generator | int | None = None, phantom: str = "basic"
 ) -> dict[str, np.ndarray]:
     """One synthetic BraTS-like case: T1, T1ce, T2, FLAIR and a tumour segmentation on MNI152 anatomy.
+
+    ``phantom="realistic"`` returns :func:`make_realistic_brain_case` instead; the rest of this docstring is the
+    ``"basic"`` phantom (the default).
 
     The tumour has a necrotic core (radius 5-14 mm), an enhancing rim (3-7 mm) that completely encloses the
     core (every 26-neighbour of a necrotic voxel is necrotic or enhancing), and edema (8-24 mm beyond the rim,
@@ -390,14 +426,11 @@ def make_brain_case(
         effect (healthy anatomy, also under the tumour); ``affine``: 4x4 BraTS affine (:func:`brats_affine`);
         ``spacing``: float64 (3,) in mm.
     """
+    if check_phantom(phantom) == "realistic":
+        return make_realistic_brain_case(shape, rng)
     shape = check_shape(shape)
     rng = np.random.default_rng(rng)
-    spacing = brats_spacing(shape)
-    affine = brats_affine(shape, spacing)
-    voxel_to_mni = _brats_voxel_to_mni(shape, affine)
-    anatomy = mni152_on_grid(shape, voxel_to_mni)
-    brain = anatomy["mask"] > 0.5
-    mni_z = voxel_to_mni[2, 2] * np.arange(shape[2]) + voxel_to_mni[2, 3]
+    spacing, affine, anatomy, brain, mni_z = _brain_grid(shape)
 
     # tumour geometry, in voxels; floors keep three nested classes on tiny grids
     r_necrosis = max(rng.uniform(5.0, 14.0) / spacing, 1.5)
@@ -479,5 +512,302 @@ def make_brain_case(
         csf=csf,
         affine=affine,
         spacing=np.full(3, spacing),
+    )
+    return case
+
+
+#: Signal of solid non-enhancing tumour per modality in the realistic phantom (same units as
+#: :data:`TISSUE_CONTRAST`): T1 and T1c hypointense, T2 and FLAIR hyperintense, between edema and WM.
+NON_ENHANCING_CONTRAST = {"t1": 0.55, "t1ce": 0.58, "t2": 1.00, "flair": 1.15}
+#: whole-tumour volume range (mL) of the realistic phantom; sizes are drawn log-uniformly in it.
+REALISTIC_TUMOUR_ML = (1.0, 100.0)
+#: probabilities of 1, 2 and 3 separate lesions per case (multifocal tumours).
+REALISTIC_LESION_COUNTS = ((1, 2, 3), (0.7, 0.2, 0.1))
+_MIN_TUMOUR_VOXELS, _MIN_CORE_VOXELS = 27, 8
+_FACES = ndimage.generate_binary_structure(3, 1)
+
+
+def _level_for_count(field: np.ndarray, allowed: np.ndarray, count: float) -> float:
+    """The level ``t`` such that ``field <= t`` holds on ``count`` voxels of ``allowed`` (at least one)."""
+    values = field[allowed]
+    k = int(np.clip(round(count), 1, values.size)) - 1
+    return float(np.partition(values, k)[k])
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _satellite_centre(
+    brain: np.ndarray, depth: np.ndarray, mni_z: np.ndarray, primary: np.ndarray, reach: float, needed: float,
+    rng: np.random.Generator,
+) -> np.ndarray | None:  # fmt: skip
+    """A centre near the primary lesion (``reach`` voxels or a little more away), else anywhere deep enough."""
+    for _ in range(30):
+        direction = rng.standard_normal(3)
+        centre = primary + direction / np.linalg.norm(direction) * reach * rng.uniform(1.0, 1.8)
+        index = tuple(np.round(centre).astype(int))
+        if all(0 <= i < n for i, n in zip(index, brain.shape)) and brain[index] and depth[index] >= needed:
+            return centre
+    return _tumour_centre(brain, depth, mni_z, needed, rng)
+
+
+def _realistic_lesion(
+    box_offset: np.ndarray, wm: np.ndarray, in_brain: np.ndarray, wt_voxels: float, core_voxels: float,
+    spacing: float, rng: np.random.Generator,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Geometry and tissue fractions of one lesion inside its box (all arrays have the box's shape).
+
+    ``box_offset``: (3, *box) voxel offsets from the lesion centre; ``wm``, ``in_brain``: white matter fraction and
+    brain mask in the box. Returns boolean labels ``wt``, ``core``, ``enhancing`` and float32 partial volumes
+    ``f_enhancing``, ``f_necrosis``, ``f_solid`` (non-enhancing solid tumour; the three sum to the core fraction)
+    and ``edema_signal`` (1 next to the core, fading outwards, ``edge`` at the labelled border).
+    """
+    box_shape = box_offset.shape[1:]
+    r_core = (3 * core_voxels / (4 * np.pi)) ** (1 / 3)
+    r_wt = (3 * wt_voxels / (4 * np.pi)) ** (1 / 3)
+    # an ellipsoid of random orientation and axes (volume-preserving), then lobulated by smooth noise
+    axes = np.exp(rng.uniform(-0.25, 0.25, 3))
+    metric = (_random_rotation(rng).T / (axes / np.prod(axes) ** (1 / 3))[:, None]).astype(np.float32)
+    radius = np.linalg.norm(np.einsum("ij,j...->i...", metric, box_offset), axis=0)
+    lobes = np.tanh(smooth_random_field(box_shape, rng, max(1.5, 0.6 * r_core)))
+    core_field = radius / (1 + rng.uniform(0.15, 0.45) * lobes)
+    # edema reaches further along white matter (infiltration follows the fibre tracts)
+    edema_noise = np.tanh(smooth_random_field(box_shape, rng, max(2.0, 0.5 * r_wt)))
+    edema_field = radius / ((1 + rng.uniform(0.2, 0.4) * edema_noise) * (0.7 + 0.6 * wm))
+
+    core_level = _level_for_count(core_field, in_brain, core_voxels)
+    core = (core_field <= core_level) & in_brain
+    ring = ndimage.binary_dilation(core, _FACES) & in_brain & ~core  # edema always surrounds the core
+    outside = in_brain & ~core & ~ring
+    extra, edema_level, wt = wt_voxels - core.sum() - ring.sum(), -np.inf, core | ring
+    for _ in range(4):  # edema islands not connected to the core are dropped, and the level raised to make up
+        if extra < 1 or not outside.any():
+            break
+        edema_level = _level_for_count(edema_field, outside, extra)
+        components, _ = ndimage.label(core | ring | ((edema_field <= edema_level) & in_brain), _CUBE)
+        wt = np.isin(components, np.unique(components[core]))
+        if wt.sum() >= wt_voxels - 0.5:
+            break
+        extra += wt_voxels - wt.sum()
+
+    # core partial volume and depth (voxels) below its surface; the rim is a shell of irregular thickness
+    gradient = np.maximum(np.sqrt(sum(g * g for g in np.gradient(core_field))), 1e-3)
+    depth = (core_level - core_field) / gradient
+    f_core = np.clip(0.5 + depth, 0.0, 1.0)
+    thickness = max(rng.uniform(1.5, 6.0) / spacing, 0.6)
+    thickness = thickness * (1 + 0.45 * np.tanh(smooth_random_field(box_shape, rng, max(1.5, 0.5 * r_core))))
+    f_inner = np.clip(0.5 + depth - thickness, 0.0, 1.0)
+    shell = f_core - f_inner
+    # incomplete rims: enhancement is missing over a random share of the surface (smooth angular patches)
+    patches = smooth_random_field(box_shape, rng, max(2.0, 0.8 * r_core))
+    missing = 0.0 if rng.uniform() < 0.4 else rng.uniform(0.15, 0.6)
+    present = np.ones(box_shape, dtype=np.float32)
+    if missing > 0 and (core & (depth < thickness)).any():
+        cut = float(np.quantile(patches[core & (depth < thickness)], missing))
+        present = np.clip(0.5 + (patches - cut) / 0.3, 0.0, 1.0)
+    f_enhancing = shell * present
+    # heterogeneous interior: cystic necrosis and solid non-enhancing tumour in smooth patches
+    mixing = smooth_random_field(box_shape, rng, max(1.5, 0.4 * r_core))
+    necrotic_share = rng.uniform(0.2, 0.95)
+    cut = float(np.quantile(mixing[core], 1 - necrotic_share)) if core.any() else 0.0
+    necrotic = np.clip(0.5 + (mixing - cut) / 0.5, 0.0, 1.0)
+    f_necrosis = f_inner * necrotic
+    f_solid = f_inner * (1 - necrotic) + shell * (1 - present)
+    enhancing = core & (f_enhancing >= 0.5 * f_core)
+    if core.any() and not enhancing.any():  # keep at least the most enhancing voxel
+        enhancing.flat[np.argmax(np.where(core, f_enhancing, -1.0))] = True
+
+    # edema signal: full at the core, ``edge`` at the labelled border (exponential in the relative position
+    # across the edema shell), then fading on into normal tissue at the shell's mean rate
+    edge = rng.uniform(0.15, 0.4)
+    from_core = ndimage.distance_transform_edt(~core) if core.any() else np.ones(box_shape)
+    to_border = ndimage.distance_transform_edt(wt)
+    beyond = np.clip(ndimage.distance_transform_edt(~wt) - 0.5, 0, None)
+    shell_width = float(np.mean((from_core + to_border)[wt & ~core])) if (wt & ~core).any() else 1.0
+    inside = edge ** (np.clip(from_core - 0.5, 0, None) / np.maximum(from_core + to_border - 1.0, 1e-3))
+    outside = edge * np.exp(-beyond * np.log(1 / edge) / shell_width)
+    edema_signal = np.where(wt, np.clip(inside, edge, 1.0), outside) * (1 - f_core)
+    return {
+        "wt": wt,
+        "core": core,
+        "enhancing": enhancing,
+        "f_enhancing": f_enhancing.astype(np.float32),
+        "f_necrosis": f_necrosis.astype(np.float32),
+        "f_solid": f_solid.astype(np.float32),
+        "edema_signal": (edema_signal * in_brain).astype(np.float32),
+    }
+
+
+def make_realistic_brain_case(
+    shape: Sequence[int] = (240, 240, 155), rng: np.random.Generator | int | None = None
+) -> dict[str, np.ndarray]:
+    """A harder BraTS-like case for benchmarks: varied, multifocal, ill-defined tumours from varied scanners.
+
+    What it models, beyond the ``"basic"`` phantom of :func:`make_brain_case`:
+
+    - **Sizes**: whole-tumour volume log-uniform in :data:`REALISTIC_TUMOUR_ML` (1-100 mL), split over 1-3
+      lesions (:data:`REALISTIC_LESION_COUNTS`; satellites 10-40 % of the main lesion's volume, placed next to
+      it when there is room). Volumes are met to the voxel by choosing the level of each lesion's shape field
+      (only the brain's edge or an overlap of two lesions takes some away). The tumour core is 15-60 % of each
+      lesion.
+    - **Shapes**: randomly oriented ellipsoids (axes within about +-25 %) lobulated by smooth noise; edema
+      reaches up to 1.9x further into white matter than into grey matter (spread along fibre tracts).
+    - **Enhancing rim**: 1.5-6 mm thick (at least 0.6 voxel), varying by +-45 % around the lesion, and in 60 %
+      of the lesions missing over 15-60 % of the surface (that part is non-enhancing tumour, label 1); small
+      lesions whose rim is thicker than their radius are solid enhancing nodules.
+    - **Heterogeneous core**: cystic necrosis (T1/T1c dark, T2 bright, FLAIR anywhere from dark to bright) and
+      solid non-enhancing tumour (:data:`NON_ENHANCING_CONTRAST`) in smooth patches, with textures.
+    - **Infiltrative edema**: its signal is full next to the core and falls exponentially outwards, to 15-40 %
+      at the labelled border, then on into normal tissue at the same rate, so the border has no intensity
+      step; edema only partly replaces the tissue (60-85 %), so GM/WM structure shows through it.
+    - **Scanners**: each case is a new simulated scanner, per modality: gain (log-uniform 100-4000), tissue
+      contrasts (+-12 % per tissue), a contrast curve ``signal ** gamma`` (gamma 0.75-1.35), enhancement strength
+      (T1c rim 1.15-1.75x WM), a bias field (strength 0.04-0.3, one coil field shared by the modalities plus
+      a per-sequence part, correlation 30-70 % of the field of view), Rician noise (1-6 % of the WM-scale
+      signal) and through-plane blur (Gaussian sigma 0-1 voxel, thick-slice acquisitions resampled to the
+      grid). The parameters are returned in ``scanner``.
+    - **Partial volume**: each voxel's core, rim and interior fractions are computed from the signed distance
+      to the level sets (a one-voxel ramp), so thin rims and small lesions are blurred into their
+      neighbourhood; the label of a voxel is its dominant class (core where the core covers >= 50 %, enhancing
+      where enhancement is >= half of that core), as an annotator would draw it.
+
+    What it does not model: skull, scalp and extra-cerebral tissue (the data are skull-stripped, as BraTS);
+    tumour biology or growth models, hemorrhage, calcification and susceptibility artefacts, vessels, motion or
+    ghosting; registration errors between modalities; inter-rater label noise; non-glioma pathologies (e.g.
+    metastases, meningiomas) beyond what multifocality resembles; ventricle compression other than the radial
+    mass effect; anatomy other than the one MNI152 brain (no atrophy, age or paediatric shapes).
+
+    On grids much coarser than 1 mm, floors of :data:`_MIN_TUMOUR_VOXELS` whole-tumour and
+    :data:`_MIN_CORE_VOXELS` core voxels per lesion apply (on a 16^3 grid one voxel is 3.4 mL).
+
+    Args:
+        shape: grid (X, Y, Z), each >= 16, BraTS field of view (:func:`brats_spacing`).
+        rng: a numpy ``Generator`` or a seed; the case is a deterministic function of it.
+
+    Returns:
+        the keys of :func:`make_brain_case` (every tumour label is present in ``seg`` except, for small solid
+        lesions, possibly the necrotic core 1), plus ``edema_signal`` (float32 (X, Y, Z) in [0, 1], the share of
+        the edema in each voxel's signal, also outside the label), ``scanner`` (dict: modality -> ``gain``, ``gamma``,
+        ``bias_strength``, ``noise``, ``slice_blur``, ``enhancement``), ``num_lesions`` (int) and
+        ``planned_tumour_ml`` (float, the drawn whole-tumour volume before floors and clipping).
+    """
+    shape = check_shape(shape)
+    rng = np.random.default_rng(rng)
+    spacing, affine, anatomy, brain, mni_z = _brain_grid(shape)
+    voxel_ml = spacing**3 / 1000.0
+
+    low, high = REALISTIC_TUMOUR_ML
+    tumour_ml = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    counts, weights = REALISTIC_LESION_COUNTS
+    num_lesions = int(rng.choice(counts, p=weights))
+    shares = np.array([1.0, *rng.uniform(0.1, 0.4, num_lesions - 1)])
+    wt_voxels = np.maximum(tumour_ml * shares / shares.sum() / voxel_ml, _MIN_TUMOUR_VOXELS)
+    core_voxels = np.maximum(rng.uniform(0.15, 0.6, num_lesions) * wt_voxels, _MIN_CORE_VOXELS)
+    r_wt = (3 * wt_voxels / (4 * np.pi)) ** (1 / 3)
+    r_core = (3 * core_voxels / (4 * np.pi)) ** (1 / 3)
+
+    centres: list[np.ndarray] = []
+    for i in range(num_lesions):
+        needed = 1.2 * r_core[i] + 1.0
+        if i == 0:
+            centre = _tumour_centre(brain, anatomy["depth"], mni_z, needed, rng)
+        else:
+            centre = _satellite_centre(brain, anatomy["depth"], mni_z, centres[0], r_wt[0] + r_wt[i], needed, rng)
+        if centre is None:  # tiny grid: the deepest voxel
+            centre = np.argwhere(anatomy["depth"] >= anatomy["depth"].max())[0].astype(float)
+        centres.append(centre)
+    push = rng.uniform(0.15, 0.5) * min(1.0, r_core[0] * spacing / 12.0)  # small tumours barely push
+    sigma = 0.5 * (r_core[0] + r_wt[0]) * rng.uniform(0.9, 1.3)
+    gm, wm, csf = radial_mass_effect([anatomy["gm"], anatomy["wm"], anatomy["csf"]], centres[0], sigma, push)
+
+    labels = {name: np.zeros(shape, dtype=bool) for name in ("wt", "core", "enhancing")}
+    fractions = {name: np.zeros(shape, dtype=np.float32) for name in ("f_enhancing", "f_necrosis", "f_solid")}
+    fractions["edema_signal"] = np.zeros(shape, dtype=np.float32)
+    for i, centre in enumerate(centres):
+        half = int(np.ceil(3.5 * r_wt[i])) + 3
+        lo = np.maximum(np.floor(centre).astype(int) - half, 0)
+        hi = np.minimum(np.floor(centre).astype(int) + half + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        offset = np.stack(
+            np.meshgrid(*[np.arange(a, b, dtype=np.float32) - c for a, b, c in zip(lo, hi, centre)], indexing="ij")
+        )
+        lesion = _realistic_lesion(offset, wm[box], brain[box], wt_voxels[i], core_voxels[i], spacing, rng)
+        for name in labels:
+            labels[name][box] |= lesion[name]
+        for name in fractions:
+            fractions[name][box] = np.maximum(fractions[name][box], lesion[name])
+    f_core = fractions["f_enhancing"] + fractions["f_necrosis"] + fractions["f_solid"]
+    over = np.maximum(f_core, 1.0)  # where two lesions overlap, the maxima may sum above 1
+    for name in ("f_enhancing", "f_necrosis", "f_solid"):
+        fractions[name] /= over
+    f_core = np.minimum(f_core, 1.0)
+    edema_signal = np.where(brain, fractions["edema_signal"] * (1 - f_core), 0.0).astype(np.float32)
+
+    seg = np.zeros(shape, dtype=np.uint8)
+    seg[labels["wt"]] = EDEMA
+    seg[labels["core"]] = NECROTIC_CORE
+    seg[labels["enhancing"] & labels["core"]] = ENHANCING
+    core = np.isin(seg, (NECROTIC_CORE, ENHANCING))
+    seg[ndimage.binary_dilation(core, _FACES) & (seg == 0)] = EDEMA  # lesions merged: edema still surrounds the core
+    brain_mask = brain | (seg > 0)
+
+    # tumour tissue signals for this case (relative to WM in T1, like TISSUE_CONTRAST)
+    enhancement = rng.uniform(1.15, 1.75)
+    necrosis = {"t2": rng.uniform(1.1, 1.5), "flair": rng.uniform(0.3, 1.1)}
+    edema_flair = rng.uniform(1.05, 1.5)
+    infiltration = rng.uniform(0.6, 0.85)
+    core_texture = 1 + 0.12 * smooth_random_field(shape, rng, 1.5)
+    edema_texture = 1 + 0.08 * smooth_random_field(shape, rng, 2.0)
+    coil = smooth_random_field(shape, rng, np.asarray(shape, dtype=float) * rng.uniform(0.3, 0.7))
+    case: dict = {}
+    scanner: dict[str, dict[str, float]] = {}
+    for modality in BRATS_MODALITIES:
+        c = {tissue: value * rng.uniform(0.88, 1.12) for tissue, value in TISSUE_CONTRAST[modality].items()}
+        c["solid"] = NON_ENHANCING_CONTRAST[modality] * rng.uniform(0.88, 1.12)
+        c["necrosis"] = necrosis.get(modality, c["necrosis"])
+        if modality == "t1ce":
+            c["enhancing"] = enhancement * c["wm"]
+        if modality == "flair":
+            c["edema"] = edema_flair
+        healthy = gm * c["gm"] + wm * c["wm"] + csf * c["csf"]
+        background = (
+            healthy * (1 - infiltration * edema_signal) + infiltration * edema_signal * c["edema"] * edema_texture
+        )
+        tumour = fractions["f_enhancing"] * c["enhancing"] + fractions["f_necrosis"] * c["necrosis"]
+        tumour += fractions["f_solid"] * c["solid"]
+        image = background * (1 - f_core) + tumour * core_texture
+        params = {
+            "gain": float(np.exp(rng.uniform(np.log(100.0), np.log(4000.0)))),
+            "gamma": rng.uniform(0.75, 1.35),
+            "bias_strength": rng.uniform(0.04, 0.3),
+            "noise": rng.uniform(0.01, 0.06),
+            "slice_blur": rng.uniform(0.0, 1.0),
+            "enhancement": enhancement if modality == "t1ce" else 1.0,
+        }
+        image = np.power(np.maximum(image, 0.0), params["gamma"])
+        if params["slice_blur"] > 0.05:
+            image = ndimage.gaussian_filter1d(image, params["slice_blur"], axis=2, mode="nearest")
+        own = smooth_random_field(shape, rng, np.asarray(shape, dtype=float) * 0.4)
+        bias = np.exp(params["bias_strength"] * (0.75 * coil + 0.25 * own) / np.hypot(0.75, 0.25))
+        image = image * params["gain"] * bias
+        image = add_rician_noise(image.astype(np.float32), params["noise"] * params["gain"], rng)
+        image[~brain_mask] = 0
+        case[modality] = image.astype(np.float32)
+        scanner[modality] = {k: float(v) for k, v in params.items()}
+
+    case.update(
+        seg=seg,
+        brain_mask=brain_mask.astype(np.uint8),
+        gm=gm,
+        wm=wm,
+        csf=csf,
+        affine=affine,
+        spacing=np.full(3, spacing),
+        edema_signal=edema_signal,
+        scanner=scanner,
+        num_lesions=num_lesions,
+        planned_tumour_ml=tumour_ml,
     )
     return case

@@ -121,21 +121,35 @@ def _relabel(seg: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 
 
 def _brain_cases(
-    layout: str, case_ids: Sequence[str], shape: tuple[int, int, int], seed: int, progress: bool, first: int = 0
+    layout: str,
+    case_ids: Sequence[str],
+    shape: tuple[int, int, int],
+    seed: int,
+    progress: bool,
+    first: int = 0,
+    phantom: str = "basic",
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Brain phantoms ``make_brain_case(shape, default_rng([seed, index]))`` with a progress bar."""
+    """Brain phantoms ``make_brain_case(shape, default_rng([seed, index]), phantom)`` with a progress bar."""
     bar = _progress(enumerate(case_ids, start=first), len(case_ids), layout, progress)
     for index, case_id in bar:
         bar.set_postfix_str(case_id)
-        yield case_id, make_brain_case(shape, np.random.default_rng([seed, index]))
+        yield case_id, make_brain_case(shape, np.random.default_rng([seed, index]), phantom)
 
 
 def write_brats2021(
-    output_dir: str, num_cases: int = 4, shape: Sequence[int] = (240, 240, 155), seed: int = 0, progress: bool = True
+    output_dir: str,
+    num_cases: int = 4,
+    shape: Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    progress: bool = True,
+    phantom: str = "basic",
 ) -> list[str]:
-    """BraTS 2021 layout: ``BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``, labels 0/1/2/4."""
+    """BraTS 2021 layout: ``BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``, labels 0/1/2/4.
+
+    ``phantom``: ``"basic"`` or ``"realistic"`` (:func:`~common.data.synthetic.brain.make_brain_case`).
+    """
     case_ids = [f"BraTS2021_{i:05d}" for i in range(num_cases)]
-    for case_id, case in _brain_cases("brats2021", case_ids, check_shape(shape), seed, progress):
+    for case_id, case in _brain_cases("brats2021", case_ids, check_shape(shape), seed, progress, phantom=phantom):
         folder = os.path.join(output_dir, case_id)
         for name in ("t1", "t1ce", "t2", "flair", "seg"):
             write_nifti(os.path.join(folder, f"{case_id}_{name}.nii.gz"), case[name], case["affine"])
@@ -143,14 +157,19 @@ def write_brats2021(
 
 
 def write_brats2023(
-    output_dir: str, num_cases: int = 4, shape: Sequence[int] = (240, 240, 155), seed: int = 0, progress: bool = True
+    output_dir: str,
+    num_cases: int = 4,
+    shape: Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    progress: bool = True,
+    phantom: str = "basic",
 ) -> list[str]:
     """BraTS 2023 glioma layout: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``.
 
-    Labels 0/1/2/3 (3 = enhancing tumour).
+    Labels 0/1/2/3 (3 = enhancing tumour). ``phantom`` as in :func:`write_brats2021`.
     """
     case_ids = [f"BraTS-GLI-{i:05d}-000" for i in range(num_cases)]
-    for case_id, case in _brain_cases("brats2023", case_ids, check_shape(shape), seed, progress):
+    for case_id, case in _brain_cases("brats2023", case_ids, check_shape(shape), seed, progress, phantom=phantom):
         folder = os.path.join(output_dir, case_id)
         for name, suffix in _BRATS2023_FILES.items():
             write_nifti(os.path.join(folder, f"{case_id}-{suffix}.nii.gz"), case[name], case["affine"])
@@ -165,6 +184,7 @@ def write_msd_task01(
     seed: int = 0,
     progress: bool = True,
     num_test: int | None = None,
+    phantom: str = "basic",
 ) -> list[str]:
     """Medical Segmentation Decathlon Task01_BrainTumour layout.
 
@@ -175,6 +195,7 @@ def write_msd_task01(
     Args:
         num_cases: training cases.
         num_test: test cases, default ``max(1, num_cases // 4)``.
+        phantom: as in :func:`write_brats2021`.
 
     Returns:
         the training ids, then the test ids (``BRATS_001``, ...).
@@ -185,7 +206,7 @@ def write_msd_task01(
     train_ids = [f"BRATS_{i:03d}" for i in range(1, num_cases + 1)]
     test_ids = [f"BRATS_{i:03d}" for i in range(num_cases + 1, num_cases + num_test + 1)]
     for index, (case_id, case) in enumerate(
-        _brain_cases("msd_task01", train_ids + test_ids, check_shape(shape), seed, progress)
+        _brain_cases("msd_task01", train_ids + test_ids, check_shape(shape), seed, progress, phantom=phantom)
     ):
         image = np.stack([case[name] for name in _MSD_CHANNELS], axis=-1)
         is_training = index < num_cases
@@ -355,6 +376,7 @@ def write_synthetic_dataset(
     shape: Sequence[int] | str | None = None,
     seed: int = 0,
     progress: bool = True,
+    **options,
 ) -> list[str]:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in a real public layout (see the module docstring).
 
@@ -367,6 +389,8 @@ def write_synthetic_dataset(
             (240 x 240 x 155 for BraTS/MSD, 128 x 128 x 32 for MosMed, 128^3 for ADNI).
         seed: the dataset is a deterministic function of it.
         progress: show a tqdm bar with the current case.
+        options: keywords of the layout's writer, e.g. ``phantom="realistic"`` for the brain layouts
+            (:data:`~common.data.synthetic.brain.BRAIN_PHANTOMS`).
 
     Returns:
         the case ids (BraTS case folders, MSD ``BRATS_XXX`` training then test, MosMed ``study_XXXX``, ADNI
@@ -376,4 +400,4 @@ def write_synthetic_dataset(
         ValueError: on a bad argument, naming it.
     """
     grid = check_synthetic_arguments(layout, output_dir, num_cases, shape, seed)
-    return _WRITERS[layout](os.fspath(output_dir), int(num_cases), grid, int(seed), progress)
+    return _WRITERS[layout](os.fspath(output_dir), int(num_cases), grid, int(seed), progress, **options)
