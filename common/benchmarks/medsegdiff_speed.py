@@ -114,7 +114,7 @@ def profile_child(dataset_dir: str, datalist: str, overrides_json: str) -> None:
     times["sampling (besides network passes)"] = times.pop("sampling") - times["network passes"]
     data = item
     for transform in parser.get_parsed_content("postprocessing").transforms:
-        name = {"FuseEnsembled": "ensemble fusion (STAPLE)", "Invertd": "inverse transforms"}.get(
+        name = {"FuseEnsembled": "ensemble fusion", "Invertd": "inverse transforms"}.get(
             type(transform).__name__, type(transform).__name__
         )
         data = timed(name, transform, data)
@@ -129,14 +129,15 @@ def profile_inference(
     num_ensemble: int = 2,
     variants: dict[str, dict[str, Any]] | None = None,
     threads: int | None = None,
+    shape: tuple[int, int, int] = (181, 217, 181),
 ) -> dict[str, Any]:
-    """Profile the bundle's inference on the 181 x 217 x 181 MNI152 case for each configuration (module docstring)."""
+    """Profile the bundle's inference on the MNI152 case (``shape``) for each configuration (module docstring)."""
     import nibabel as nib
 
     work_dir = os.path.abspath(work_dir)
-    dataset_dir, datalist = mni_case(os.path.join(work_dir, "mni152"))
+    dataset_dir, datalist = mni_case(os.path.join(work_dir, f"mni152_{'x'.join(map(str, shape))}"), shape)
     results: dict[str, Any] = {}
-    reference = None
+    masks: dict[str, np.ndarray] = {}
     base = _inference_parser(dataset_dir, datalist, {})
     for name, extra in (variants or PROFILE_VARIANTS).items():
         missing = [k for k in extra if k not in base]
@@ -169,11 +170,7 @@ def profile_inference(
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row["wall_seconds"] = wall
         row["startup_seconds"] = wall - sum(row["stages"].values())
-        seg = np.asarray(nib.load(os.path.join(out_dir, "MNI152_T1_seg.nii.gz")).dataobj)
-        if reference is None and name == "default":
-            reference = seg
-        if reference is not None:
-            row["voxels_differing_from_default"] = int((seg != reference).sum())
+        masks[name] = np.asarray(nib.load(os.path.join(out_dir, "MNI152_T1_seg.nii.gz")).dataobj)
         results[name] = row
         print(
             f"[{name}] {wall:.1f} s in all, peak {row['peak_gb']:.2f} GB: "
@@ -181,7 +178,9 @@ def profile_inference(
             flush=True,
         )
     base = results.get("previous default (32 pairs per call)")
-    for row in results.values():
+    for name, row in results.items():
+        if "default" in masks:
+            row["voxels_differing_from_default"] = int((masks[name] != masks["default"]).sum())
         row["speedup_vs_previous_default"] = base["wall_seconds"] / row["wall_seconds"] if base else None
     return {
         "case": "MNI152 T1 181x217x181 (all four channels)",
@@ -200,6 +199,7 @@ def whole_volume_vs_slice_by_slice(
     num_inference_steps: int = 10,
     num_ensemble: int = 5,
     batch_size: int | None = None,
+    shape: tuple[int, int, int] = (181, 217, 181),
 ) -> dict[str, Any]:
     """DDIM-``num_inference_steps`` x ``num_ensemble`` on the MNI152 case's axial slices (all brain slices, or a slab
     of ``slices`` through the middle): one whole-volume chain vs one chain per slice. Returns seconds and agreement.
@@ -209,7 +209,9 @@ def whole_volume_vs_slice_by_slice(
     """
     from common.engines.diffusion import DiffusionSegmentationInferer
 
-    dataset_dir, datalist = mni_case(os.path.join(os.path.abspath(work_dir), "mni152"))
+    dataset_dir, datalist = mni_case(
+        os.path.join(os.path.abspath(work_dir), f"mni152_{'x'.join(map(str, shape))}"), shape
+    )
     parser = _inference_parser(dataset_dir, datalist, network_overrides or {})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def").eval()
