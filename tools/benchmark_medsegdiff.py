@@ -2,7 +2,7 @@
 """MedSegDiff benchmarks: diffusion vs the same backbone trained deterministically, samplers on whole volumes, speed.
 
     # the benchmark (resumable: rerun the same command after a kill); about 90 min on 2 idle cores
-    python tools/benchmark_medsegdiff.py run [--work_dir runs/benchmark_medsegdiff] [--seeds 0,1,2] [--budget_s 420]
+    python tools/benchmark_medsegdiff.py run [--work_dir runs/benchmark_medsegdiff] [--seeds 0,1,2] [--budget_s 360]
         [--num_cases 24] [--num_test 12] [--shape 96,96,64] [--phantom realistic] [--ddpm_cases 2]
         [--models medsegdiff,medsegdiff_residual_fusion,deterministic] [--threads N] [--device auto]
     # the model card's benchmark section, its learning-curve PNG and metadata.json's eval_metrics, from a report
@@ -40,7 +40,7 @@ def _names(value) -> list[str]:
 def run(
     work_dir: str = "runs/benchmark_medsegdiff",
     seeds="0,1,2",
-    budget_s: float = 420.0,
+    budget_s: float = 360.0,
     num_cases: int = 24,
     num_test: int = 12,
     shape="96,96,64",

@@ -401,7 +401,7 @@ def run_benchmark(
     phantom: str = "realistic",
     models: Sequence[str] = tuple(MODELS),
     seeds: Sequence[int] = (0, 1, 2),
-    budget_s: float = 420.0,
+    budget_s: float = 360.0,
     curve_points: int = 4,
     ddpm_cases: int = 2,
     batch_size: int = 64,
@@ -450,7 +450,7 @@ def run_benchmark(
         "device": device_name,
         "overrides": {"device": f"$torch.device('{device_name}')", **(overrides or {})},
     }
-    estimate = expected_minutes(len(names), len(seeds), budget_s, curve_points, num_test, ddpm_cases, shape[-1])
+    estimate = expected_minutes(len(names), len(seeds), budget_s, curve_points, num_test, ddpm_cases, int(shape[-1]))
     print(
         f"MedSegDiff benchmark: {len(names)} models x {len(seeds)} seeds x {budget_s:.0f} s; expected about "
         f"{estimate:.0f} min on 2 idle cores (see expected_minutes)",
@@ -502,18 +502,30 @@ def run_benchmark(
 
 
 def expected_minutes(
-    models: int, seeds: int, budget_s: float, curve_points: int, num_test: int, ddpm_cases: int, depth: int
+    models: int,
+    seeds: int,
+    budget_s: float,
+    curve_points: int,
+    num_test: int,
+    ddpm_cases: int,
+    depth: int,
+    seconds_per_slice_pass: float = 2.0e-3,
+    seconds_per_volume_overhead: float = 0.7,
 ) -> float:
-    """Rough wall time on 2 idle cores of the default network (roi 32, channels 16/32/64) and recipe.
+    """Rough wall time (minutes) of :func:`run_benchmark` on 2 idle cores.
 
-    Per-slice costs (measured on a 2-core Xeon, batches of 64 slices): one network pass 1.1 ms, so a DDIM-10 x 1
-    volume costs ``10 * depth * 1.1`` ms; STAPLE and the inverse transforms about 0.5 s per volume.
+    ``seconds_per_slice_pass``: one network pass on one slice of the demo network (roi 32, channels 16/32/64) in
+    calls of 64 slices (about 3.4 ms of CPU time measured on one thread of a busy 2-core Xeon, so about 2 ms of wall
+    time on 2 idle cores); ``seconds_per_volume_overhead``: STAPLE, inverse transforms and Dice per volume.
     """
-    per_pass = 1.1e-3 * depth  # one network pass over a volume's slices
-    curve = curve_points * num_test * (10 * per_pass + 0.5)
-    final = num_test * ((10 * 5 + 10 * 1) * per_pass + 2 * 0.5) * (models - 0.5)
-    sampler = ddpm_cases * (1020 * per_pass + 1.5)
-    return (models * seeds * (budget_s + curve + 10) + seeds * (final + sampler)) / 60.0
+    pass_s = seconds_per_slice_pass * depth  # one network pass over a whole volume
+    per_volume = seconds_per_volume_overhead
+    curve = curve_points * num_test * (10 * pass_s + per_volume)  # DDIM-10 x 1 per point (diffusion models)
+    final = num_test * ((10 * 5 + 10) * pass_s + 2 * per_volume)  # DDIM-10 x 5 and x 1, per diffusion model
+    samplers = ddpm_cases * ((1000 + 10 + 10) * pass_s + 3 * per_volume)
+    diffusion_models = max(models - 1, 1)
+    seconds = models * seeds * budget_s + seeds * (diffusion_models * (curve + final) + samplers)
+    return seconds / 60.0
 
 
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
