@@ -1,4 +1,4 @@
-"""Diffusion segmentation with MONAI engines: training batches, the training forward and slice-wise ensemble sampling.
+"""Diffusion segmentation with MONAI engines: training batches, the training forward and whole-volume ensemble sampling.
 
 MedSegDiff (Wu et al., "MedSegDiff: Medical Image Segmentation with Diffusion Probabilistic Model", MIDL 2023,
 arXiv 2211.00611) treats a segmentation mask as the sample of a conditional diffusion model: the mask, scaled to
@@ -7,8 +7,7 @@ predicts ``eps`` given the image ``I``. MONAI provides the pieces this module co
 
 - the schedulers (``monai.networks.schedulers.DDPMScheduler`` for training, DDPM or ``DDIMScheduler`` for
   sampling) own the diffusion maths;
-- ``monai.inferers.DiffusionInferer`` runs the training forward (noise the input, call the network) and the
-  reverse chain (:meth:`~monai.inferers.DiffusionInferer.sample`);
+- ``monai.inferers.DiffusionInferer`` runs the training forward (noise the input, call the network);
 - ``monai.engines.utils.DiffusionPrepareBatch`` draws the noise and timesteps of a training batch.
 
 What MONAI's versions do not cover, hence the classes here:
@@ -20,20 +19,24 @@ What MONAI's versions do not cover, hence the classes here:
   also returns ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)`` (the quantity of the auxiliary loss,
   :class:`~common.losses.diffusion_segmentation.DiffusionSegmentationLoss`), which needs the timesteps that only
   the inferer sees.
-- :class:`DiffusionSegmentationInferer`: ``DiffusionInferer.sample`` draws one sample of one batch; segmenting a
-  3D volume with a 2D model needs the volume cut into slices, batched, an ensemble of ``num_ensemble`` samples per
-  slice (fused afterwards by :class:`~common.data.ensemble_fusion.FuseEnsembled`), the samples thresholded back to
-  masks, and slices outside the body skipped.
+- :class:`DiffusionSegmentationInferer`: ``DiffusionInferer.sample`` runs one reverse chain on one batch, calling the
+  network on the whole batch at every step; segmenting a 3D volume with a 2D model needs the volume cut into
+  slices, an ensemble of ``num_ensemble`` samples per slice (fused afterwards by
+  :class:`~common.data.ensemble_fusion.FuseEnsembled`), all of them in one chain with network calls of a size that
+  suits the device, noise that does not depend on how the pairs are batched, the samples thresholded back to masks,
+  and slices outside the body skipped.
 
 For DDIM sampling of masks use :class:`~common.networks.clipped_ddim.ClippedDDIMScheduler` (see there why MONAI's
-``DDIMScheduler`` step drifts on clipped samples).
+``DDIMScheduler`` step drifts on clipped samples); :class:`~common.networks.dpm_solver.DPMSolverMultistepScheduler`
+is DPM-Solver++(2M) on the same grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer, Inferer
@@ -147,32 +150,45 @@ class DiffusionSegmentationTrainingInferer(DiffusionInferer):
 
 
 class DiffusionSegmentationInferer(Inferer):
-    """Sample an ensemble of segmentations of each image, slice by slice for a 2D model on volumes.
+    """Sample an ensemble of segmentations of each image; a whole volume's slices and members in one reverse chain.
 
     ``__call__(inputs, network)``:
 
     - 2D model (``spatial_dims=2``) on volumes ``(B, C_in, H, W, D)``: the volume is cut into slices along
-      ``slice_axis`` (default the last, axial after ``Orientationd("RAS")``), the slices are sampled in batches of
-      ``batch_size`` (slices x ensemble members) and stacked back: ``-> (B, N * C_out, H, W, D)``;
+      ``slice_axis`` (default the last, axial after ``Orientationd("RAS")``), every (slice, ensemble member) pair of
+      the batch is sampled together and the masks are stacked back: ``-> (B, N * C_out, H, W, D)``;
     - inputs with ``spatial_dims`` spatial axes (2D slices, or volumes for a 3D model): ``(B, C_in, *S) ->
       (B, N * C_out, *S)``.
 
-    Each of the ``N = num_ensemble`` samples starts from its own Gaussian noise and runs the reverse chain of
-    ``scheduler`` (``DiffusionInferer.sample``, ``num_inference_steps`` steps, the image as ``context``); the final
-    ``x_0`` in ``[-1, 1]`` is thresholded at ``threshold`` (default 0) into a 0/1 mask. Channels are sample-major:
-    channel ``n * C_out + c`` is sample ``n`` of mask channel ``c``; fuse them with
-    :class:`~common.data.ensemble_fusion.FuseEnsembled`. Slices whose image is 0 everywhere (outside the
+    The reverse chain runs once for all pairs: for each timestep of ``scheduler`` (``num_inference_steps``), the
+    network predicts the noise of every pair in calls of ``batch_size`` pairs (the image as ``context``), then one
+    ``scheduler.step`` moves all pairs to the next timestep. The network only predicts; the scheduler owns the maths,
+    so DDPM, DDIM and DPM-Solver++ are a config change. Compared with one chain per slice (``DiffusionInferer.sample``
+    per batch), nothing is computed twice and ``batch_size`` only sets the size of a network call: on a CPU, a
+    small call (a few 256 x 256 slices) is faster per slice than a large one, whose activations do not fit the
+    caches; on a GPU, a large one.
+
+    Each pair starts from its own Gaussian noise, drawn from a generator seeded by ``(seed, key, member)``, where
+    ``key`` identifies the image (``(b, z)``, batch item and slice index, for a sliced volume; ``(b,)`` otherwise):
+    so a slice gets the same noise, and with a deterministic sampler (DDIM with ``eta=0``, DPM-Solver++) the same
+    mask, whatever ``batch_size`` and whether it is sampled alone or with its volume. A stochastic step (DDPM) draws
+    its noise for all pairs at once from a generator seeded by ``seed``, reproducible for the same inputs.
+
+    The final ``x_0`` in ``[-1, 1]`` is thresholded at ``threshold`` (default 0) into a 0/1 mask. Channels are
+    sample-major: channel ``n * C_out + c`` is sample ``n`` of mask channel ``c``; fuse them with
+    :class:`~common.data.ensemble_fusion.FuseEnsembled`. Images that are 0 everywhere (slices outside the
     skull-stripped brain) are not sampled and get an empty mask when ``skip_empty`` is true (default): a large
-    saving on brain MRI, where a third of the axial slices are empty. With ``zero_outside`` (default) voxels whose
-    image is 0 in every channel (background of a skull-stripped scan) are set to background in every sample. The
-    result has the type and metadata of ``inputs`` (a ``MetaTensor`` stays one, so ``Invertd`` can map it back to
-    the input grid).
+    saving on brain MRI, where a sixth to a third of the axial slices are empty. With ``zero_outside`` (default)
+    voxels whose image is 0 in every channel (background of a skull-stripped scan) are set to background in every
+    sample. The result has the type and metadata of ``inputs`` (a ``MetaTensor`` stays one, so ``Invertd`` can map it
+    back to the input grid).
 
     Samplers: :class:`~common.networks.clipped_ddim.ClippedDDIMScheduler` (the bundle's DDIM: the noise re-derived
-    from the clipped ``x_0``, as guided-diffusion samples masks) or MONAI's ``DDIMScheduler``, with any
-    ``num_inference_steps`` (deterministic chain, eta 0); ``DDPMScheduler`` only with ``num_inference_steps ==
-    num_train_timesteps``, because MONAI's ``DDPMScheduler.step`` always steps from ``t`` to ``t - 1`` (its
-    posterior coefficients assume unit strides), so a strided DDPM chain would be wrong.
+    from the clipped ``x_0``, as guided-diffusion samples masks), MONAI's ``DDIMScheduler`` or
+    :class:`~common.networks.dpm_solver.DPMSolverMultistepScheduler` (DPM-Solver++(2M)), with any
+    ``num_inference_steps``; ``DDPMScheduler`` only with ``num_inference_steps == num_train_timesteps``, because
+    MONAI's ``DDPMScheduler.step`` always steps from ``t`` to ``t - 1`` (its posterior coefficients assume unit
+    strides), so a strided DDPM chain would be wrong.
 
     Args:
         scheduler: sampling scheduler (same noise schedule as training).
@@ -181,11 +197,12 @@ class DiffusionSegmentationInferer(Inferer):
         out_channels: mask channels ``C_out`` of the network (1 for whole tumour, 3 for TC/WT/ET).
         spatial_dims: spatial dimensions of the network, 2 (slice-wise on volumes) or 3.
         slice_axis: spatial axis (0, 1, 2, or -1 for the last) along which a volume is sliced for a 2D network.
-        batch_size: (slice, sample) pairs per network call.
+        batch_size: (image, member) pairs per network call.
         skip_empty: give all-zero images an empty mask without sampling.
         zero_outside: set voxels whose image is 0 in every channel to background.
         threshold: foreground where the sampled ``x_0`` exceeds this.
-        progress: show a progress bar per reverse chain.
+        seed: seed of the initial noise of every pair and of the step noise of stochastic samplers.
+        progress: show a progress bar over the timesteps.
     """
 
     def __init__(
@@ -200,6 +217,7 @@ class DiffusionSegmentationInferer(Inferer):
         skip_empty: bool = True,
         zero_outside: bool = True,
         threshold: float = 0.0,
+        seed: int = 0,
         progress: bool = False,
     ) -> None:
         super().__init__()
@@ -233,8 +251,8 @@ class DiffusionSegmentationInferer(Inferer):
         self.skip_empty = skip_empty
         self.zero_outside = zero_outside
         self.threshold = float(threshold)
+        self.seed = int(seed)
         self.progress = progress
-        self._sampler = DiffusionInferer(scheduler)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``(B, C_in, *S) -> (B, N * C_out, *S)`` sampled 0/1 masks (class docstring)."""
@@ -244,8 +262,10 @@ class DiffusionSegmentationInferer(Inferer):
         elif self.spatial_dims == 2 and plain.ndim == 5:
             axis = 2 + (self.slice_axis % 3)
             batch, depth = plain.shape[0], plain.shape[axis]
-            slices = plain.movedim(axis, 1).reshape(batch * depth, plain.shape[1], *plain.movedim(axis, 1).shape[3:])
-            sampled = self.sample(slices, network)
+            moved = plain.movedim(axis, 1)  # (B, D, C, H', W')
+            slices = moved.reshape(batch * depth, *moved.shape[2:])
+            keys = [(b, z) for b in range(batch) for z in range(depth)]
+            sampled = self.sample(slices, network, keys)
             samples = sampled.reshape(batch, depth, *sampled.shape[1:]).movedim(1, axis)
         else:
             raise ValueError(
@@ -255,33 +275,66 @@ class DiffusionSegmentationInferer(Inferer):
             )
         return convert_to_dst_type(samples, inputs)[0]
 
+    def initial_noise(
+        self, keys: Sequence[tuple[int, ...]], shape: Sequence[int], device: torch.device
+    ) -> torch.Tensor:
+        """Noise ``(len(keys) * N, *shape)`` of every (image, member) pair, image-major, each from its own seed."""
+        noise = torch.empty(len(keys) * self.num_ensemble, *shape, device=device)
+        generator = torch.Generator(device=device)
+        for i, key in enumerate(keys):
+            for member in range(self.num_ensemble):
+                seed = np.random.SeedSequence([self.seed, *key, member]).generate_state(1)[0]
+                generator.manual_seed(int(seed))
+                noise[i * self.num_ensemble + member] = torch.randn(*shape, generator=generator, device=device)
+        return noise
+
     @torch.no_grad()
-    def sample(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-        """``N`` sampled masks per image: ``(M, C_in, *s) -> (M, N * C_out, *s)``, 0/1 in the images' dtype."""
+    def sample(
+        self, images: torch.Tensor, network: torch.nn.Module, keys: Sequence[tuple[int, ...]] | None = None
+    ) -> torch.Tensor:
+        """``N`` sampled masks per image: ``(M, C_in, *s) -> (M, N * C_out, *s)``, 0/1 in the images' dtype.
+
+        ``keys``: one tuple of ints per image, naming its noise (default ``(m,)`` for image ``m``).
+        """
         count, spatial = images.shape[0], tuple(images.shape[2:])
+        keys = [(m,) for m in range(count)] if keys is None else [tuple(int(k) for k in key) for key in keys]
+        if len(keys) != count:
+            raise ValueError(f"keys must name each of the {count} images, got {len(keys)}.")
         images = images.float()
         out = torch.zeros(count, self.num_ensemble, self.out_channels, *spatial, device=images.device)
         if self.skip_empty:
             todo = torch.nonzero(images.flatten(1).abs().amax(dim=1) > 0).flatten()
         else:
             todo = torch.arange(count, device=images.device)
-        # every (image, ensemble member) pair, image-major, processed batch_size pairs at a time
-        image_index = todo.repeat_interleave(self.num_ensemble)
-        member_index = torch.arange(self.num_ensemble, device=images.device).repeat(todo.numel())
-        self.scheduler.set_timesteps(self.num_inference_steps)
-        for start in range(0, image_index.numel(), self.batch_size):
-            idx, members = image_index[start : start + self.batch_size], member_index[start : start + self.batch_size]
-            condition = images[idx]
-            noise = torch.randn(idx.numel(), self.out_channels, *spatial, device=images.device)
-            x_0 = self._sampler.sample(
-                input_noise=noise,
-                diffusion_model=network,
-                scheduler=self.scheduler,
-                conditioning=condition,
-                mode="crossattn",
-                verbose=self.progress,
-            )
-            out[idx, members] = signal_to_mask(x_0.float(), self.threshold)
+        if todo.numel():
+            # every (image, ensemble member) pair, image-major
+            image_index = todo.repeat_interleave(self.num_ensemble)
+            x = self.initial_noise([keys[i] for i in todo.tolist()], (self.out_channels, *spatial), images.device)
+            x = self.reverse_chain(x, images, image_index, network)
+            out[todo] = signal_to_mask(x.float(), self.threshold).reshape(todo.numel(), self.num_ensemble, -1, *spatial)
         if self.zero_outside:
             out = out * (images.abs().amax(dim=1) > 0)[:, None, None].to(out.dtype)
         return out.reshape(count, self.num_ensemble * self.out_channels, *spatial).to(images.dtype)
+
+    def reverse_chain(
+        self, x: torch.Tensor, images: torch.Tensor, image_index: torch.Tensor, network: torch.nn.Module
+    ) -> torch.Tensor:
+        """Run the scheduler's chain on all pairs: ``x (P, C_out, *s)`` noise -> ``x_0 (P, C_out, *s)``.
+
+        Pair ``p`` is conditioned on ``images[image_index[p]]``; the network sees ``batch_size`` pairs per call.
+        """
+        self.scheduler.set_timesteps(self.num_inference_steps, device=x.device)
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        timesteps = self.scheduler.timesteps
+        if self.progress:
+            from tqdm import tqdm
+
+            timesteps = tqdm(timesteps, desc="sampling")
+        eps = torch.empty_like(x)
+        for t in timesteps:
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = slice(start, start + self.batch_size)
+                batch_t = torch.full((x[chunk].shape[0],), int(t), device=x.device, dtype=torch.long)
+                eps[chunk] = network(x[chunk], timesteps=batch_t, context=images[image_index[chunk]])
+            x, _ = self.scheduler.step(eps, int(t), x, generator=generator)
+        return x

@@ -30,7 +30,27 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from monai.networks.schedulers.ddpm import DDPMPredictionType
 
-__all__ = ["ClippedDDIMScheduler"]
+__all__ = ["ClippedDDIMScheduler", "predicted_original_sample"]
+
+
+def predicted_original_sample(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor
+) -> torch.Tensor:
+    """The clean-sample estimate ``x0_hat`` of a step at ``abar_t = alpha_prod_t``, clipped if ``scheduler.clip_sample``.
+
+    ``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` for eps-prediction, the output itself for sample
+    prediction, ``sqrt(abar_t) x_t - sqrt(1 - abar_t) v`` for v-prediction; shapes of ``sample``.
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    if scheduler.prediction_type == DDPMPredictionType.EPSILON:
+        x0 = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+    elif scheduler.prediction_type == DDPMPredictionType.SAMPLE:
+        x0 = model_output
+    else:  # v-prediction
+        x0 = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+    if scheduler.clip_sample:
+        x0 = x0.clamp(scheduler.clip_sample_values[0], scheduler.clip_sample_values[1])
+    return x0
 
 
 class ClippedDDIMScheduler(DDIMScheduler):
@@ -64,15 +84,7 @@ class ClippedDDIMScheduler(DDIMScheduler):
             sample.device, sample.dtype
         )
         beta_prod_t = 1 - alpha_prod_t
-
-        if self.prediction_type == DDPMPredictionType.EPSILON:
-            pred_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
-        elif self.prediction_type == DDPMPredictionType.SAMPLE:
-            pred_original_sample = model_output
-        else:  # v-prediction
-            pred_original_sample = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
-        if self.clip_sample:
-            pred_original_sample = pred_original_sample.clamp(self.clip_sample_values[0], self.clip_sample_values[1])
+        pred_original_sample = predicted_original_sample(self, model_output, sample, alpha_prod_t)
         # the noise consistent with the (clipped) x_0 estimate and x_t
         pred_epsilon = (sample - alpha_prod_t.sqrt() * pred_original_sample) / beta_prod_t.sqrt()
 

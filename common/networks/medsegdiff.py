@@ -38,6 +38,7 @@ from common.networks.blocks.ff_parser import FFParser
 __all__ = [
     "AttentiveFusion",
     "ChannelLayerNorm",
+    "DeterministicMedSegDiff",
     "MedSegDiff",
     "SpatialTransformer",
     "TimeConditionedResBlock",
@@ -70,19 +71,18 @@ class AttentiveFusion(nn.Module):
     ``A`` equals the plain equation). ``LayerNorm(m_I) * LayerNorm(m_x)`` is a per-voxel, per-channel gate that is
     large where image and mask features agree; it re-weights the condition features ``m_I``.
 
-    Where the result goes (the paper leaves this implicit): with ``residual=True`` (default) the condition stream
-    continues as ``m_I + A(m_I, m_x) = (1 + gate) * m_I``, which keeps an identity path so that stacking the
-    multiplicative fusion over several stages stays well conditioned; with ``residual=False`` it continues as
-    ``A(m_I, m_x)`` alone, the literal reading of the paper.
+    Where the result goes: with ``residual=False`` (default) the condition stream continues as ``A(m_I, m_x)``, the
+    paper's equation as written; with ``residual=True`` it continues as ``m_I + A(m_I, m_x) = (1 + gate) * m_I``, an
+    identity path around the multiplicative gate (an option; the MedSegDiff bundle's model card compares the two).
 
     Args:
         channels: number of channels ``C`` of both inputs.
-        residual: add ``A`` to ``m_I`` (default) instead of replacing ``m_I`` by ``A``.
+        residual: add ``A`` to ``m_I`` instead of replacing ``m_I`` by ``A`` (default False, the paper).
 
     Shapes: ``m_I, m_x: (B, C, *spatial) -> (B, C, *spatial)``.
     """
 
-    def __init__(self, channels: int, residual: bool = True) -> None:
+    def __init__(self, channels: int, residual: bool = False) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels}.")
@@ -260,8 +260,8 @@ class MedSegDiff(nn.Module):
       strided 3x3 convolution.
     - At the end of level ``k`` (before downsampling): the mask features pass through an
       :class:`~common.networks.blocks.ff_parser.FFParser` if ``ff_parser_levels[k]`` (``m_x^k <- FFParser(m_x^k)``),
-      then the condition stream is fused, ``m_I^k <- m_I^k + A(m_I^k, m_x^k)`` (:class:`AttentiveFusion`; the
-      ``+ m_I^k`` is dropped with ``fusion_residual=False``). Both updated streams continue to level ``k + 1``.
+      then the condition stream is fused, ``m_I^k <- A(m_I^k, m_x^k)`` (:class:`AttentiveFusion`; with
+      ``fusion_residual=True``, ``m_I^k <- m_I^k + A(m_I^k, m_x^k)``). Both updated streams continue to level ``k + 1``.
     - Bottleneck: the deepest features are added, ``h = m_I^{L-1} + m_x^{L-1}`` (the paper's ``E^I + E^x``), then
       residual block, attention (if ``attention_levels[-1]``), residual block.
     - Decoder ``D``: for ``k = L-2 .. 0``: nearest x2 upsampling + 3x3 convolution to ``channels[k]``,
@@ -296,7 +296,8 @@ class MedSegDiff(nn.Module):
         norm_num_groups: groups of every GroupNorm (default 32).
         time_injection: ``"scale_shift"`` (default, adaptive group norm) or ``"add"``.
         dropout: dropout probability in the residual and attention blocks (default 0.0).
-        fusion_residual: condition stream continues as ``m_I + A`` (default) or as ``A`` (see :class:`AttentiveFusion`).
+        fusion_residual: condition stream continues as ``A`` (default False, the paper) or as ``m_I + A`` (see
+            :class:`AttentiveFusion`).
         gradient_checkpointing: in training, recompute the two encoders' stage activations in the backward pass
             instead of storing them (:func:`~common.networks.blocks.checkpointing.checkpoint_stage`): less memory for
             large batches or 3D inputs, for about one more encoder forward per step; same outputs (default False).
@@ -328,7 +329,7 @@ class MedSegDiff(nn.Module):
         norm_num_groups: int = 32,
         time_injection: str = "scale_shift",
         dropout: float = 0.0,
-        fusion_residual: bool = True,
+        fusion_residual: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -533,3 +534,41 @@ class MedSegDiff(nn.Module):
         for up, decoder_stage in zip(self.ups, self.decoder_stages):
             h = decoder_stage(torch.cat([up(h), skips.pop()], dim=1), temb)
         return self.head(h)
+
+
+class DeterministicMedSegDiff(nn.Module):
+    """The MedSegDiff network as a plain segmentation network: the same backbone, one forward pass, no diffusion.
+
+    ``forward(image) = MedSegDiff(x=0, timesteps=timestep, context=image)``: the noisy-mask input is zeroed and the
+    timestep fixed, and the output is read as mask logits ``(B, out_channels, *S)`` (train it with e.g. MONAI's
+    ``DiceCELoss(sigmoid=True)``; the mask is ``sigmoid(logits) > 0.5``). Every module of :class:`MedSegDiff` is there
+    and trained, with the same parameter count: the condition encoder, the fusions and FF-Parsers, the bottleneck and
+    the decoder do the work; the segmentation encoder sees a constant input, so its features (and hence the fusion
+    gates ``LayerNorm(m_x)``) become learned per-channel constants, as do the time-embedding scale/shift terms. This
+    is the control of "does diffusion beat a deterministic network with the same backbone?" (the MedSegDiff
+    bundle's benchmark).
+
+    Args:
+        timestep: the fixed diffusion timestep given to the backbone (default 0).
+        kwargs: the arguments of :class:`MedSegDiff` (``spatial_dims``, ``in_channels``, ``out_channels``, ...).
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+    """
+
+    def __init__(self, timestep: int = 0, **kwargs) -> None:
+        super().__init__()
+        if timestep < 0:
+            raise ValueError(f"timestep must be non-negative, got {timestep}.")
+        self.timestep = int(timestep)
+        self.backbone = MedSegDiff(**kwargs)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        backbone = self.backbone
+        if image.dim() != backbone.spatial_dims + 2 or image.shape[1] != backbone.in_channels:
+            raise ValueError(
+                f"image must be (B, {backbone.in_channels}, <{backbone.spatial_dims} spatial dims>), "
+                f"got {list(image.shape)}."
+            )
+        mask = image.new_zeros(image.shape[0], backbone.out_channels, *image.shape[2:])
+        timesteps = torch.full((image.shape[0],), self.timestep, dtype=torch.long, device=image.device)
+        return backbone(mask, timesteps=timesteps, context=image)

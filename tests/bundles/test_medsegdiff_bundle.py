@@ -65,8 +65,13 @@ def test_configs_hold_the_method_settings():
     meta = infer["_meta_"]["network_data_format"]
     assert meta["inputs"]["image"]["num_channels"] == net.in_channels + net.out_channels == 5
     assert meta["outputs"]["pred"]["num_channels"] == net.out_channels == 1
-    for key in ("roi_size", "region_channels", "num_train_timesteps", "beta_start", "beta_end", "network_def"):
+    for key in ("roi_size", "region_channels", "num_train_timesteps", "beta_start", "beta_end"):
         assert train[key] == infer[key], key  # train and inference agree
+    # the same architecture; gradient checkpointing is a training-only memory switch (same weights and outputs)
+    train_net = {k: v for k, v in train["network_def"].items() if k != "gradient_checkpointing"}
+    assert train_net == infer["network_def"]
+    assert not any(fusion.residual for fusion in net.fusions)  # the paper's attentive fusion A, not m_I + A
+    assert inferer.batch_size == (64 if torch.cuda.is_available() else 2)  # small network calls on a CPU
 
 
 def test_ddpm_sampling_is_a_config_change():
@@ -76,6 +81,15 @@ def test_ddpm_sampling_is_a_config_change():
     with pytest.raises(RuntimeError, match="DiffusionSegmentationInferer") as error:
         _parser("inference.json", **ddpm, num_inference_steps=50).get_parsed_content("inferer")
     assert "DDPMScheduler samples only" in str(error.value.__cause__)  # a strided DDPM chain would be wrong
+
+
+def test_dpm_solver_is_a_config_change():
+    from common.networks.dpm_solver import DPMSolverMultistepScheduler
+
+    dpm = {"sampling_scheduler#_target_": "common.networks.dpm_solver.DPMSolverMultistepScheduler"}
+    inferer = _parser("inference.json", **dpm, num_inference_steps=10).get_parsed_content("inferer")
+    assert isinstance(inferer.scheduler, DPMSolverMultistepScheduler) and inferer.scheduler.clip_sample
+    torch.testing.assert_close(inferer.scheduler.betas[[0, -1]], torch.tensor([1e-4, 0.02]))
 
 
 def _run(parser: ConfigParser) -> None:

@@ -20,6 +20,7 @@ from common.engines.diffusion import (
 )
 from common.losses.diffusion_segmentation import DiffusionSegmentationLoss
 from common.networks.clipped_ddim import ClippedDDIMScheduler
+from common.networks.dpm_solver import DPMSolverMultistepScheduler
 from common.networks.medsegdiff import MedSegDiff
 
 
@@ -126,7 +127,12 @@ def test_trainer_loss_falls_on_a_fixed_batch():
 @pytest.mark.parametrize("slice_axis", [-1, 0])
 @pytest.mark.parametrize(
     ("scheduler", "steps"),
-    [(DDIMScheduler(num_train_timesteps=1000), 4), (ClippedDDIMScheduler(1000), 7), (DDPMScheduler(30), 30)],
+    [
+        (DDIMScheduler(num_train_timesteps=1000), 4),
+        (ClippedDDIMScheduler(1000), 7),
+        (DPMSolverMultistepScheduler(1000), 7),
+        (DDPMScheduler(30), 30),
+    ],
 )
 def test_slicewise_sampling_recovers_the_oracle_mask(scheduler, steps, slice_axis):
     volume = torch.randn(1, 4, 6, 8, 5)
@@ -142,6 +148,54 @@ def test_slicewise_sampling_recovers_the_oracle_mask(scheduler, steps, slice_axi
     for member in range(3):  # sample-major channels: member n, mask channel c at n * 2 + c
         torch.testing.assert_close(out.as_tensor()[:, 2 * member : 2 * member + 2], expected)
     assert max(oracle.calls) <= 7
+
+
+def _tiny_net() -> MedSegDiff:
+    net = MedSegDiff(channels=(8, 16), attention_levels=(False, True), norm_num_groups=4, num_heads=2, ff_parser_size=8)
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    "scheduler", [ClippedDDIMScheduler(1000), DPMSolverMultistepScheduler(1000)], ids=["ddim", "dpm_solver"]
+)
+def test_whole_volume_sampling_equals_slice_by_slice(scheduler):
+    """Same noise per (slice, member), so a deterministic sampler gives each slice the same mask however it is
+    batched: the whole volume in one chain (calls of 7 pairs) or every slice alone with one pair per call."""
+    net = _tiny_net()
+    volume = torch.randn(1, 4, 8, 8, 5)
+    volume[..., 1] = 0.0  # an empty slice
+    steps, members = 3, 2
+    calls = []
+    net.register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
+    kwargs = {"num_inference_steps": steps, "num_ensemble": members, "seed": 5}
+    whole = DiffusionSegmentationInferer(scheduler, batch_size=7, **kwargs)(volume, net)
+    assert calls == [7, 1] * steps  # 4 slices x 2 members = 8 pairs, one loop over the timesteps
+    single = DiffusionSegmentationInferer(scheduler, batch_size=1, **kwargs)
+    for z in range(5):
+        alone = single.sample(volume[..., z], net, keys=[(0, z)])
+        torch.testing.assert_close(whole[..., z], alone, atol=0, rtol=0)
+    assert whole[..., 1].sum() == 0
+    assert 0 < whole.mean() < 1  # a random network, so neither all background nor all foreground
+    other_seed = DiffusionSegmentationInferer(scheduler, batch_size=7, **{**kwargs, "seed": 6})(volume, net)
+    assert not torch.equal(other_seed, whole)
+
+
+def test_initial_noise_is_fixed_per_image_and_member():
+    inferer = DiffusionSegmentationInferer(ClippedDDIMScheduler(1000), num_ensemble=3, seed=1)
+    noise = inferer.initial_noise([(0, 0), (0, 1), (2, 7)], (1, 4, 4), torch.device("cpu"))
+    assert noise.shape == (9, 1, 4, 4)
+    torch.testing.assert_close(inferer.initial_noise([(2, 7)], (1, 4, 4), torch.device("cpu")), noise[6:])
+    assert len({tuple(n.flatten().tolist()) for n in noise}) == 9  # every pair its own noise
+
+
+def test_ddpm_sampling_does_not_depend_on_the_batch_size():
+    """The step noise is drawn for all pairs at once, so the network-call size cannot change a DDPM sample."""
+    net = _tiny_net()
+    images = torch.randn(3, 4, 8, 8)
+    kwargs = {"num_inference_steps": 20, "num_ensemble": 2}
+    small = DiffusionSegmentationInferer(DDPMScheduler(20), batch_size=1, **kwargs)(images, net)
+    large = DiffusionSegmentationInferer(DDPMScheduler(20), batch_size=64, **kwargs)(images, net)
+    torch.testing.assert_close(small, large, atol=0, rtol=0)
 
 
 def test_empty_slices_are_not_sampled():
@@ -177,9 +231,8 @@ def test_voxels_outside_the_image_support_are_background():
 
 
 def test_ensemble_members_differ_for_a_random_network():
-    net = MedSegDiff(channels=(8, 16), attention_levels=(False, True), norm_num_groups=4, num_heads=2, ff_parser_size=8)
     inferer = DiffusionSegmentationInferer(DDIMScheduler(1000), num_inference_steps=2, num_ensemble=4)
-    out = inferer(torch.randn(2, 4, 8, 8), net.eval())
+    out = inferer(torch.randn(2, 4, 8, 8), _tiny_net())
     assert out.shape == (2, 4, 8, 8) and set(out.unique().tolist()) <= {0.0, 1.0}
     assert len({tuple(out[0, n].flatten().tolist()) for n in range(4)}) > 1  # different noise, different samples
 

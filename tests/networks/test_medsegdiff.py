@@ -9,7 +9,7 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from common.networks.blocks.ff_parser import FFParser
-from common.networks.medsegdiff import AttentiveFusion, MedSegDiff, TimeConditionedResBlock
+from common.networks.medsegdiff import AttentiveFusion, DeterministicMedSegDiff, MedSegDiff, TimeConditionedResBlock
 
 TINY = {"channels": (8, 16, 32), "attention_levels": (False, False, True), "norm_num_groups": 4, "num_heads": 2}
 
@@ -43,6 +43,28 @@ def test_attentive_fusion_equation(shape, residual):
     torch.testing.assert_close(fusion(m_image, m_mask), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="same shape"):
         fusion(m_image, m_mask[:, :, :-1])
+
+
+def test_the_paper_fusion_is_the_default():
+    assert not AttentiveFusion(4).residual
+    assert all(not fusion.residual for fusion in _tiny().fusions)
+    assert all(fusion.residual for fusion in _tiny(fusion_residual=True).fusions)
+
+
+def test_deterministic_network_is_the_same_backbone_with_zero_mask_and_fixed_t():
+    net = DeterministicMedSegDiff(timestep=0, **TINY, ff_parser_size=16)
+    plain = _tiny()
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in plain.parameters())
+    image = torch.randn(2, 4, 16, 16)
+    logits = net(image)
+    assert logits.shape == (2, 1, 16, 16)
+    expected = net.backbone(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long), image)
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(net(image), net(image.flip(-1)))  # it reads the image
+    logits.sum().backward()
+    assert net.backbone.image_stem.conv.weight.grad.abs().sum() > 0  # the condition encoder is trained
+    with pytest.raises(ValueError, match="image must be"):
+        net(torch.randn(2, 5, 16, 16))
 
 
 @pytest.mark.parametrize("time_injection", ["add", "scale_shift"])
@@ -80,7 +102,7 @@ def test_deeper_configuration_3d():
         norm_num_groups=2,
         time_injection="add",
         dropout=0.1,
-        fusion_residual=False,
+        fusion_residual=True,
     )
     assert len(net.image_stages[0].res_blocks) == 2 and len(net.decoder_stages[0].res_blocks) == 2
     out = net(torch.randn(1, 1, 6, 4, 10), torch.tensor([999]), torch.randn(1, 2, 6, 4, 10))
