@@ -8,7 +8,7 @@ with ``MSE(sigmoid(o), m) + sensitivity-enhanced BCE``.
 MONAI's ``ContrastiveLoss`` is the unsupervised SimCLR (NT-Xent) loss over augmented pairs; it takes no
 class labels, so the supervised form is written here. The public code's defects avoided: its
 "features" were the flattened output map (here: a projection head, see
-:meth:`common.networks.transunet.TransUNet.forward_with_embedding`), and its batches held one class
+:meth:`common.networks.transunet.TransUNet.embed`), and its batches held one class
 only, which makes the term ~0 (here a single-class batch is an error).
 """
 
