@@ -31,7 +31,8 @@ forward does; the contrastive batch sampler must give every rank the same number
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +46,40 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-__all__ = ["ContrastiveSegmentationTrainer"]
+from common.data.mosmed import with_reference_masks
+
+__all__ = ["MODEL_SELECTIONS", "ContrastiveSegmentationTrainer", "check_model_selection", "validation_studies"]
+
+#: how the bundle's TransUNet training picks its model (config id ``model_selection``):
+#: ``"validation"``: the reference masks of the ``validation`` studies drive ReduceLROnPlateau and the saved model
+#: is the best validation Dice (the default, as the pipeline is published); ``"final"``: no reference mask is
+#: used at all, the learning rate stays fixed and the saved model is the last epoch's, as a method sold as needing
+#: no manual masks must be trainable.
+MODEL_SELECTIONS: tuple[str, ...] = ("validation", "final")
+
+
+def check_model_selection(value: str) -> str:
+    """``value`` if it is one of :data:`MODEL_SELECTIONS`; else ``ValueError`` (a typo must not fall back)."""
+    if value not in MODEL_SELECTIONS:
+        raise ValueError(f"model_selection must be one of {MODEL_SELECTIONS}, got {value!r}")
+    return value
+
+
+def validation_studies(
+    items: Sequence[Mapping[str, Any]], source: str | os.PathLike, model_selection: str
+) -> list[dict[str, Any]]:
+    """The studies the TransUNet validates on: those with a reference mask (``"validation"``), or none (``"final"``).
+
+    With ``"final"`` not even the masks' paths are passed on, so no reference mask is read during training.
+
+    Raises:
+        ValueError: an unknown ``model_selection``.
+        DataError: ``"validation"`` and no study of ``items`` has a mask (see
+            :func:`common.data.mosmed.with_reference_masks`).
+    """
+    if check_model_selection(model_selection) == "final":
+        return []
+    return with_reference_masks(items, source)
 
 
 class ContrastiveSegmentationTrainer(SupervisedTrainer):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -236,6 +237,7 @@ def write_mosmed(
     progress: bool = True,
     category_counts: dict[int, int] | None = None,
     mask_fraction: float = 0.5,
+    **phantom: Any,
 ) -> list[str]:
     """MosMedData COVID19_1110 layout.
 
@@ -249,6 +251,8 @@ def write_mosmed(
         num_cases: total studies, split by :func:`mosmed_category_counts` unless ``category_counts`` is given.
         category_counts: studies per category, e.g. ``{0: 2, 1: 4, 2: 1}`` (overrides ``num_cases``).
         mask_fraction: fraction of CT-1 studies with a released mask, in [0, 1].
+        phantom: options of :func:`~common.data.synthetic.chest_ct.make_chest_ct_case` (``pleural_lesions``,
+            ``hu_overlap``).
 
     Returns:
         the study ids, ``study_0001``, ...
@@ -267,7 +271,7 @@ def write_mosmed(
     for number, category in bar:
         study_id = f"study_{number:04d}"
         bar.set_postfix_str(f"CT-{category}/{study_id}")
-        case = make_chest_ct_case(shape, np.random.default_rng([seed, number]), category)
+        case = make_chest_ct_case(shape, np.random.default_rng([seed, number]), category, **phantom)
         affine = case["affine"]
         write_nifti(os.path.join(output_dir, "studies", f"CT-{category}", f"{study_id}.nii.gz"), case["image"], affine)
         if category > 0:
@@ -355,6 +359,7 @@ def write_synthetic_dataset(
     shape: Sequence[int] | str | None = None,
     seed: int = 0,
     progress: bool = True,
+    **kwargs: Any,
 ) -> list[str]:
     """Write ``num_cases`` synthetic cases to ``output_dir`` in a real public layout (see the module docstring).
 
@@ -367,6 +372,7 @@ def write_synthetic_dataset(
             (240 x 240 x 155 for BraTS/MSD, 128 x 128 x 32 for MosMed, 128^3 for ADNI).
         seed: the dataset is a deterministic function of it.
         progress: show a tqdm bar with the current case.
+        kwargs: passed to the layout's writer (e.g. ``mosmed``'s phantom options, see :func:`write_mosmed`).
 
     Returns:
         the case ids (BraTS case folders, MSD ``BRATS_XXX`` training then test, MosMed ``study_XXXX``, ADNI
@@ -376,4 +382,4 @@ def write_synthetic_dataset(
         ValueError: on a bad argument, naming it.
     """
     grid = check_synthetic_arguments(layout, output_dir, num_cases, shape, seed)
-    return _WRITERS[layout](os.fspath(output_dir), int(num_cases), grid, int(seed), progress)
+    return _WRITERS[layout](os.fspath(output_dir), int(num_cases), grid, int(seed), progress, **kwargs)
