@@ -16,13 +16,19 @@ from common.io import atomic_path
 __all__ = ["bundle_train_parser", "write_report"]
 
 
-def bundle_train_parser(bundle_dir: str, dataset_dir: str, datalist: str, overrides: dict[str, Any] | None = None):
-    """MONAI ``ConfigParser`` of ``bundle_dir/configs/train.json`` with the data paths, ``num_workers=0``,
-    ``cache_rate=1.0`` and ``overrides`` (which win) applied."""
+def bundle_train_parser(
+    bundle_dir: str,
+    dataset_dir: str,
+    datalist: str,
+    overrides: dict[str, Any] | None = None,
+    config: str = "train.json",
+):
+    """MONAI ``ConfigParser`` of ``bundle_dir/configs/<config>`` (default ``train.json``) with the data paths,
+    ``num_workers=0``, ``cache_rate=1.0`` and ``overrides`` (which win) applied."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(bundle_dir, "configs", "train.json"))
+    parser.read_config(os.path.join(bundle_dir, "configs", config))
     parser.update(
         {
             "bundle_root": bundle_dir,

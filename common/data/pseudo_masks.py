@@ -9,6 +9,10 @@ terms of the TransUNet (:mod:`common.losses.contrastive`).
 
 Volumes are ``(Z, Y, X)`` (axial slices along axis 0), as produced by :mod:`common.data.chest_ct`.
 
+The obvious unsupervised alternative to the GAN's labels, for comparing like with like: an HU window inside the
+lung (:func:`hu_window_mask`), its lower bound found by Otsu's method on the lung voxels of studies without masks
+(:func:`otsu_lung_window`).
+
 How the bundle's stages hand these over (``bundles/covid_ct_gan_transunet_segmentation``): the pseudo-mask
 stage writes ``<pseudo_mask_dir>/<case>_pseudo.nii.gz`` on each study's original CT grid and one
 ``slice_classes.json`` (:func:`save_slice_classes`); the TransUNet stage finds the masks with
@@ -38,7 +42,9 @@ __all__ = [
     "PseudoMaskd",
     "SliceBurdend",
     "attach_pseudo_masks",
+    "hu_window_mask",
     "load_slice_classes",
+    "otsu_lung_window",
     "pseudo_mask",
     "residual_map",
     "save_slice_classes",
@@ -120,6 +126,40 @@ def pseudo_mask(
         if not 0.0 <= t < 1.0:
             raise ValueError(f"a numeric threshold must be in [0, 1), got {threshold}")
     return residual > t
+
+
+def hu_window_mask(
+    ct_hu: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, window: Sequence[float]
+) -> np.ndarray:
+    """The HU-window lesion rule: ``lung & lo <= HU <= hi``, any equal shapes, bool."""
+    lo, hi = (float(w) for w in window)
+    if not hi > lo:
+        raise ValueError(f"the window needs hi > lo, got {tuple(window)}")
+    ct, m = _as_numpy(ct_hu), _as_numpy(lung) > 0
+    if ct.shape != m.shape:
+        raise ValueError(f"ct {ct.shape} and lung {m.shape} must have the same shape")
+    return m & (ct >= lo) & (ct <= hi)
+
+
+def otsu_lung_window(
+    lung_hu: Sequence[np.ndarray], upper: float = 100.0, max_values: int = 2_000_000
+) -> tuple[float, float]:
+    """An HU window for lesions found without any reference mask: ``(Otsu threshold of the lung HU, upper)``.
+
+    Aerated parenchyma (about -850 HU) and what is denser than it (ground glass, consolidation, but also vessels)
+    make the HU histogram inside the lungs bimodal; Otsu's threshold between the two modes is the window's lower
+    bound. ``upper`` (default +100 HU, above consolidation) keeps bone and calcification out. Pass the lung voxels
+    of the COVID-19 training studies (a flat array per study); at most ``max_values`` evenly strided values are
+    used, so the result is deterministic.
+    """
+    values = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in lung_hu]) if len(lung_hu) else []
+    if len(values) < 2:
+        raise ValueError("no lung voxels given: the window needs the lungs of at least one study")
+    values = values[:: max(1, len(values) // max_values)]
+    values = np.clip(values, -1000.0, upper)
+    if values.min() == values.max():
+        raise ValueError("the lung voxels all have one value: no threshold to find")
+    return float(threshold_otsu(values)), float(upper)
 
 
 def slice_burden(mask: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, axis: int = 0) -> np.ndarray:

@@ -8,6 +8,13 @@ sensitivity-enhanced BCE (:class:`common.losses.contrastive.SegmentationLoss`). 
 contrastive + MSE + sensitivity; both phases step the same optimiser (Adam), so one learning-rate schedule
 (ReduceLROnPlateau on the validation metric, in the bundle) governs both.
 
+Each phase steps only its own parameters: the contrastive phase the encoder and the projection head (the network's
+``embed`` does not run the decoder), the segmentation phase the encoder, decoder and head (``forward`` does not run
+the projection head). Gradients are reset to ``None``, never to zero, before every step (``optim_set_to_none`` is
+forced): PyTorch's optimisers skip a parameter whose gradient is ``None``, but step one whose gradient is a zero
+tensor, and Adam's momentum would then keep moving the decoder during the contrastive phase and the projection head
+during the segmentation phase.
+
 Why a subclass of MONAI's ``SupervisedTrainer``: the segmentation phase *is* a supervised epoch (its
 iterations, events, metrics and handlers are MONAI's, unchanged); what MONAI has no place for is a second
 loop over another loader, with another loss on another output of the network, at the start of every epoch.
@@ -15,7 +22,7 @@ It runs on ``Events.EPOCH_STARTED`` and reports its mean loss as ``engine.state.
 (which ``StatsHandler`` prints at the end of the epoch).
 
 Distributed training: with a ``DistributedDataParallel`` network the contrastive phase calls the wrapped
-module's ``forward_with_embedding`` (DDP only wraps ``forward``), averages the gradients over the ranks itself
+module's ``embed`` (DDP only wraps ``forward``), averages the gradients over the ranks itself
 before each step and, at the end of the phase, broadcasts the buffers (batch-norm statistics) of rank 0, as DDP's
 forward does; the contrastive batch sampler must give every rank the same number of batches
 (:class:`common.data.slices.BalancedClassBatchSampler` does).
@@ -24,7 +31,8 @@ forward does; the contrastive batch sampler must give every rank the same number
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,21 +46,54 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-__all__ = ["ContrastiveSegmentationTrainer"]
+from common.data.mosmed import with_reference_masks
+
+__all__ = ["MODEL_SELECTIONS", "ContrastiveSegmentationTrainer", "check_model_selection", "validation_studies"]
+
+#: how the bundle's TransUNet training picks its model (config id ``model_selection``):
+#: ``"validation"``: the reference masks of the ``validation`` studies drive ReduceLROnPlateau and the saved model
+#: is the best validation Dice (the default, as the pipeline is published); ``"final"``: no reference mask is
+#: used at all, the learning rate stays fixed and the saved model is the last epoch's, as a method sold as needing
+#: no manual masks must be trainable.
+MODEL_SELECTIONS: tuple[str, ...] = ("validation", "final")
+
+
+def check_model_selection(value: str) -> str:
+    """``value`` if it is one of :data:`MODEL_SELECTIONS`; else ``ValueError`` (a typo must not fall back)."""
+    if value not in MODEL_SELECTIONS:
+        raise ValueError(f"model_selection must be one of {MODEL_SELECTIONS}, got {value!r}")
+    return value
+
+
+def validation_studies(
+    items: Sequence[Mapping[str, Any]], source: str | os.PathLike, model_selection: str
+) -> list[dict[str, Any]]:
+    """The studies the TransUNet validates on: those with a reference mask (``"validation"``), or none (``"final"``).
+
+    With ``"final"`` not even the masks' paths are passed on, so no reference mask is read during training.
+
+    Raises:
+        ValueError: an unknown ``model_selection``.
+        DataError: ``"validation"`` and no study of ``items`` has a mask (see
+            :func:`common.data.mosmed.with_reference_masks`).
+    """
+    if check_model_selection(model_selection) == "final":
+        return []
+    return with_reference_masks(items, source)
 
 
 class ContrastiveSegmentationTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` whose every epoch starts with a contrastive phase over ``contrastive_data_loader``.
 
     Contrastive phase, for each batch ``{image_key: (B, C, H, W), class_key: (B,)}`` of the contrastive loader:
-    ``z = embed(image)`` (``network.forward_with_embedding(image)[1]``, ``(B, proj_dim)``), loss
+    ``z = network.embed(image)`` (``(B, proj_dim)``), loss
     ``contrastive_weight * contrastive_loss_function(z, classes)``, one optimiser step. Then the usual
     supervised epoch over ``train_data_loader`` with ``loss_function`` (e.g. MSE + sensitivity-enhanced BCE
     on the pseudo-masks).
 
     Args:
         device, max_epochs, train_data_loader, network, optimizer, loss_function: as ``SupervisedTrainer``;
-            ``network`` must have ``forward_with_embedding(x) -> (logits, embedding)`` (e.g.
+            ``network`` must have ``embed(x) -> (B, proj_dim)`` (e.g.
             :class:`common.networks.transunet.TransUNet`), possibly wrapped in ``DistributedDataParallel``.
         contrastive_data_loader: batches holding both classes (see
             :class:`common.data.slices.BalancedClassBatchSampler`), or ``None`` to skip the phase.
@@ -61,11 +102,12 @@ class ContrastiveSegmentationTrainer(SupervisedTrainer):
         contrastive_weight: weight of the contrastive term, >= 0. Default 1.
         image_key: key of the slices in the contrastive batches. Default ``"image"``.
         class_key: key of the slice classes in the contrastive batches. Default ``"slice_class"``.
+        optim_set_to_none: must be True (the default here): see the module docstring.
         other arguments: as MONAI's ``SupervisedTrainer``.
 
     Raises:
-        ValueError: ``contrastive_data_loader`` without ``contrastive_loss_function``, a negative weight, or a
-            network without ``forward_with_embedding``.
+        ValueError: ``contrastive_data_loader`` without ``contrastive_loss_function``, a negative weight, a
+            network without ``embed``, or ``optim_set_to_none=False``.
     """
 
     def __init__(
@@ -90,16 +132,21 @@ class ContrastiveSegmentationTrainer(SupervisedTrainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
         decollate: bool = True,
-        optim_set_to_none: bool = False,
+        optim_set_to_none: bool = True,
         amp_kwargs: dict | None = None,
     ) -> None:
         if contrastive_data_loader is not None and contrastive_loss_function is None:
             raise ValueError("a contrastive_data_loader needs a contrastive_loss_function")
         if contrastive_weight < 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
+        if not optim_set_to_none:
+            raise ValueError(
+                "optim_set_to_none=False would step every parameter with a zero gradient: Adam's momentum would move "
+                "the decoder in the contrastive phase and the projection head in the segmentation phase"
+            )
         module = network.module if isinstance(network, DistributedDataParallel) else network
-        if contrastive_data_loader is not None and not callable(getattr(module, "forward_with_embedding", None)):
-            raise ValueError(f"{type(module).__name__} has no forward_with_embedding(x) -> (logits, embedding)")
+        if contrastive_data_loader is not None and not callable(getattr(module, "embed", None)):
+            raise ValueError(f"{type(module).__name__} has no embed(x) -> (B, proj_dim) embedding")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -140,9 +187,9 @@ class ContrastiveSegmentationTrainer(SupervisedTrainer):
         for batch in engine.contrastive_data_loader:
             images = torch.as_tensor(batch[engine.image_key]).to(engine.state.device, non_blocking=engine.non_blocking)
             classes = torch.as_tensor(batch[engine.class_key]).to(engine.state.device, non_blocking=engine.non_blocking)
-            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            engine.optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else contextlib.nullcontext():
-                _, embedding = module.forward_with_embedding(images)
+                embedding = module.embed(images)
             loss = engine.contrastive_weight * engine.contrastive_loss_function(embedding.float(), classes)
             if engine.amp and engine.scaler is not None:
                 engine.scaler.scale(loss).backward()

@@ -8,6 +8,11 @@ generator's inputs), ``h`` a batch of healthy volumes (CT-0) and ``m_x``, ``m_h`
 2. generator step: ``L_G = w_adv adv(D(G(x) m_x), real) + w_rec |G(n(h)) m_h - h|_1``, where ``n`` adds
    Perlin-like fractal noise to random axial slices of the lungs (:func:`common.networks.covid_gan.denoising_noise`).
 
+Both losses are those of the paper's 3D GAN stage (Shabani et al. 2022, the pseudo-mask generation); its full
+text was not available to this project, so no equation numbers are given (they would have to be guessed); the
+formulas follow the project's method notes (``METHODS.md``, section 3), and the weights ``w_adv``, ``w_rec`` are
+this implementation's (the paper does not weight the terms).
+
 The adversarial term makes ``G(x)`` look healthy; the denoising term teaches ``G`` to remove lesion-like
 blobs and to leave healthy parenchyma as it is, so that ``x - G(x)`` is the lesion (the pseudo-mask,
 :func:`common.data.pseudo_masks.pseudo_mask`). Outputs are multiplied by the lung mask: outside the lungs

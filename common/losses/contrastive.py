@@ -5,10 +5,15 @@ Medicine 2022): each epoch a contrastive phase on slice embeddings labelled by p
 ("high" = 1, "low" = 0, see :func:`common.data.pseudo_masks.slice_classes`) and a segmentation phase
 with ``MSE(sigmoid(o), m) + sensitivity-enhanced BCE``.
 
+Equation numbers: the full text of neither paper was available to this project (only abstracts), so the losses
+below cite the stage they belong to (the TransUNet's contrastive phase and segmentation phase) rather than an
+equation number, which would have to be guessed; the formulas are those of the project's method notes
+(``METHODS.md``, section 3).
+
 MONAI's ``ContrastiveLoss`` is the unsupervised SimCLR (NT-Xent) loss over augmented pairs; it takes no
 class labels, so the supervised form is written here. The public code's defects avoided: its
 "features" were the flattened output map (here: a projection head, see
-:meth:`common.networks.transunet.TransUNet.forward_with_embedding`), and its batches held one class
+:meth:`common.networks.transunet.TransUNet.embed`), and its batches held one class
 only, which makes the term ~0 (here a single-class batch is an error).
 """
 
@@ -64,6 +69,8 @@ def _contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: float, log_
 def supervised_contrastive_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Supervised contrastive loss in the COVID TransUNet's sum form, ``(B, D), (B,) -> scalar``.
 
+    El Fahsi et al., contrastive phase (equation number unavailable, see the module docstring).
+
     With ``z`` L2-normalised and ``S_ij = exp(z_i . z_j / T)``::
 
         P_i = sum_{j != i, y_j = y_i} S_ij,   N_i = sum_{y_j != y_i} S_ij,
@@ -93,6 +100,8 @@ def enhanced_contrastive_loss(
 ) -> torch.Tensor:
     """Enhanced contrastive loss: :func:`supervised_contrastive_loss` with ``P`` weighted for high anchors.
 
+    El Fahsi et al., contrastive phase, "enhanced" form (equation number unavailable, see the module docstring).
+
     Exact reading used: for anchors of ``positive_class`` (the "high" pseudo-lesion burden slices)
     ``P_i`` is multiplied by ``w = sensitivity_weight`` in the numerator *and* the denominator,
     ``L_i = -log(w P_i / (w P_i + N_i))``; other anchors keep ``w = 1``. Weighting only the numerator
@@ -116,6 +125,8 @@ def sensitivity_bce_loss(
     logits: torch.Tensor, target: torch.Tensor, beta: float = 2.0, reduction: str = "mean"
 ) -> torch.Tensor:
     """Sensitivity-enhanced BCE: ``BCEWithLogits(o, m) * (1 + beta * (1 - sigmoid(o)) * m)``, any shape.
+
+    El Fahsi et al., segmentation phase (equation number unavailable, see the module docstring).
 
     Lesion pixels (``m = 1``) predicted with low probability get up to ``1 + beta`` times the BCE, so a
     missed lesion pixel costs more than a false positive of the same confidence. The weight is part of
@@ -189,6 +200,9 @@ class SensitivityBCELoss(nn.Module):
 
 class SegmentationLoss(nn.Module):
     """Segmentation-phase loss: ``mse_weight * MSE(sigmoid(o), m) + bce_weight * sensitivity BCE(o, m)``.
+
+    El Fahsi et al., segmentation phase: MSE plus the sensitivity-enhanced loss (equation numbers unavailable, see
+    the module docstring).
 
     ``forward(logits (B, 1, H, W), target (B, 1, H, W)) -> scalar``; any equal shapes work.
 

@@ -159,9 +159,10 @@ class InpaintingGenerator(nn.Module):
 
 
 class PatchDiscriminator3D(nn.Module):
-    """Small 3D CNN telling healthy CT volumes (real) from generated ones (fake), one logit per patch.
+    """Small CNN telling healthy CT volumes (real) from generated ones (fake), one logit per patch.
 
-    ``(B, in_channels, D, H, W) -> (B, 1, D / 2**n, H / 2**n, W / 2**n)`` logits, ``n = len(channels)``:
+    ``(B, in_channels, D, H, W) -> (B, 1, D / 2**n, H / 2**n, W / 2**n)`` logits, ``n = len(channels)``
+    (``(B, C, H, W) -> (B, 1, H / 2**n, W / 2**n)`` with ``spatial_dims=2``, for the 2D generator):
     ``n`` stride-2 convolutions (kernel 4, LeakyReLU 0.2, instance norm from the second on) and a final
     3^3 convolution to one channel. Use with ``BCEWithLogitsLoss`` against ones (real) or zeros (fake);
     average the map for a per-volume score. MONAI's ``PatchDiscriminator`` was not reused because it
@@ -173,6 +174,8 @@ class PatchDiscriminator3D(nn.Module):
         channels: widths of the strided convolutions. Default ``(16, 32, 64, 128)``.
         norm: MONAI norm name. Default ``"instance"``.
         act: MONAI activation. Default LeakyReLU(0.2).
+        spatial_dims: 3 (volumes, the method's setting; the class keeps its name) or 2, as
+            :class:`InpaintingGenerator`.
     """
 
     def __init__(
@@ -181,8 +184,11 @@ class PatchDiscriminator3D(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         norm: str | tuple = "instance",
         act: str | tuple = ("leakyrelu", {"negative_slope": 0.2}),
+        spatial_dims: int = 3,
     ) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if in_channels < 1 or not channels or any(int(c) < 1 for c in channels):
             raise ValueError(f"need in_channels >= 1 and positive channels, got {in_channels}, {tuple(channels)}")
         layers: list[nn.Module] = []
@@ -190,7 +196,7 @@ class PatchDiscriminator3D(nn.Module):
         for i, c in enumerate(channels):
             layers.append(
                 Convolution(
-                    3,
+                    spatial_dims,
                     prev,
                     int(c),
                     strides=2,
@@ -202,13 +208,14 @@ class PatchDiscriminator3D(nn.Module):
                 )
             )
             prev = int(c)
-        layers.append(Convolution(3, prev, 1, kernel_size=3, conv_only=True))
+        layers.append(Convolution(spatial_dims, prev, 1, kernel_size=3, conv_only=True))
         self.net = nn.Sequential(*layers)
+        self.spatial_dims = spatial_dims
         self.min_size = 2 ** len(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"expected a 5D input (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"expected a {self.spatial_dims + 2}D input (B, C, *spatial), got shape {tuple(x.shape)}")
         if any(s < self.min_size for s in x.shape[2:]):
             raise ValueError(
                 f"every spatial size must be >= {self.min_size} (2 ** len(channels)), got {tuple(x.shape[2:])}"

@@ -57,10 +57,11 @@ class TransUNet(nn.Module):
 
     ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` logits, ``H = W = img_size`` by default (see below for
     other sizes).
-    :meth:`forward_with_embedding` also returns a ``(B, proj_dim)`` embedding (not normalised; the
-    contrastive losses normalise it) from a projection head on the globally pooled ViT output, the
-    feature the supervised contrastive terms of the COVID pipeline act on (the public code used the
-    flattened output map instead, a defect).
+    :meth:`embed` gives a ``(B, proj_dim)`` embedding (not normalised; the contrastive losses normalise it)
+    from a projection head on the globally pooled ViT output, the feature the supervised contrastive terms
+    of the COVID pipeline act on (the public code used the flattened output map instead, a defect). The
+    projection head is used by :meth:`embed` only, the decoder by :meth:`forward` only: the two training
+    phases share the encoder and nothing else.
 
     Layout (resolutions for ``img_size = 128``):
 
@@ -206,10 +207,13 @@ class TransUNet(nn.Module):
         return self._decode(tokens, skips, grid)
 
     @torch.jit.unused
-    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C_in, H, W) -> ((B, C_out, H, W) logits, (B, proj_dim) embedding)`` for the contrastive terms."""
-        tokens, skips, grid = self._encode(x)
-        return self._decode(tokens, skips, grid), self.projection(tokens.mean(dim=1))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W) -> (B, proj_dim)`` embedding for the contrastive terms: encoder and projection head only.
+
+        The decoder is not run, so a contrastive step neither computes it nor changes its batch-norm statistics.
+        """
+        tokens, _, _ = self._encode(x)
+        return self.projection(tokens.mean(dim=1))
 
     @torch.jit.unused
     def attention_maps(self) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
-"""Tests for the pieces of common/benchmarks/covid.py that run in-process (the stages are the bundle's, tested by
-the harness); the whole benchmark takes minutes and is run through tools/benchmark_covid.py, not here."""
+"""Tests for common/benchmarks/covid.py: its pieces, and the whole benchmark at toy sizes (one phantom, one seed,
+one epoch per stage: it runs every stage and is resumable); the real run is tools/benchmark_covid.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from common.benchmarks.covid import (
+    _truth,
     add_true_labels,
     check_targets,
-    format_report,
-    threshold_lesions,
-    write_true_mask_dir,
+    run_covid_benchmark,
+    write_label_dir,
 )
 from common.data.datalist import build_datalist, validate_datalist_no_leak
 from common.data.pseudo_masks import load_slice_classes
@@ -39,9 +39,9 @@ def test_true_labels_only_for_held_out_lesioned_studies(dataset):
     assert json.dumps(datalist) != json.dumps(labelled)  # a copy was changed, not the input
 
 
-def test_true_mask_dir_is_laid_out_like_the_pseudo_mask_stage(dataset, tmp_path):
+def test_label_dir_is_laid_out_like_the_pseudo_mask_stage(dataset, tmp_path):
     root, datalist = dataset
-    out = write_true_mask_dir(datalist, root, str(tmp_path / "true"), grid=(8, 16, 16), seed=0)
+    out = write_label_dir(datalist, root, str(tmp_path / "true"), (8, 16, 16), lambda it, *_: _truth(root, it["case"]))
     content = load_slice_classes(f"{out}/slice_classes.json", grid=(8, 16, 16))
     assert sorted(content["cases"]) == sorted(it["case"] for it in datalist["training"])
     for item in datalist["training"]:
@@ -57,43 +57,69 @@ def test_true_mask_dir_is_laid_out_like_the_pseudo_mask_stage(dataset, tmp_path)
             assert max(b or 0.0 for b in content["cases"][item["case"]]["burden"]) > 0
 
 
-def test_threshold_baseline_and_targets():
-    hu = np.array([-900.0, -700.0, -400.0, 0.0, -500.0])
-    lung = np.array([1, 1, 1, 1, 0], dtype=bool)
-    np.testing.assert_array_equal(threshold_lesions(hu, lung, (-750.0, -100.0)), [False, True, True, False, False])
-    with pytest.raises(ValueError, match="hi > lo"):
-        threshold_lesions(hu, lung, (0.0, 0.0))
-    results = {
-        "transunet_pseudo": {"mean_dice": 0.6},
-        "transunet_true": {"mean_dice": 0.7},
-        "hu_threshold": {"mean_dice": 0.5},
+def _summaries(gan: float, hu: float, true: float) -> dict:
+    return {
+        "transunet_gan_final": {"mean_dice": gan},
+        "transunet_hu_final": {"mean_dice": hu},
+        "transunet_true_final": {"mean_dice": true},
     }
-    assert check_targets(results) == {
-        "beats_threshold_baseline": True,
-        "fraction_of_upper_bound": pytest.approx(6 / 7),
-        "reaches_80_percent_of_upper_bound": True,
-    }
-    results["hu_threshold"]["mean_dice"] = 0.65
-    results["transunet_true"]["mean_dice"] = 0.9
-    targets = check_targets(results)
-    assert not targets["beats_threshold_baseline"] and not targets["reaches_80_percent_of_upper_bound"]
 
 
-def test_format_report_names_missed_targets():
-    summary = {f"{s}_{m}": 0.5 for s in ("mean", "std", "slice_mean") for m in ("dice", "sensitivity", "specificity")}
-    report = {
-        "config": {"num_cases": 6, "shape": [48, 48, 16], "grid": [8, 16, 16], "device": "cpu"},
-        "num_test_studies": 1,
-        "hu_window": [-750.0, -100.0],
-        "methods": {m: summary for m in ("transunet_pseudo", "transunet_true", "hu_threshold")},
-        "pseudo_masks": {"num_studies": 2, "mean_dice": 0.4, "std_dice": 0.1},
-        "targets": {
-            "beats_threshold_baseline": False,
-            "fraction_of_upper_bound": 1.0,
-            "reaches_80_percent_of_upper_bound": True,
-        },
-        "seconds": {"total": 12.0},
+def test_targets():
+    assert check_targets(_summaries(0.6, 0.5, 0.65), "final") == {
+        "gan_at_least_hu": True,
+        "fraction_of_upper_bound": pytest.approx(0.6 / 0.65),
+        "at_least_90_percent": True,
     }
-    text = format_report(report)
-    assert "| TransUNet (pseudo) beats the HU threshold | MISSED |" in text
-    assert "met (100 %)" in text and "0.500 +- 0.500" in text and "| total | 12 |" in text
+    targets = check_targets(_summaries(0.5, 0.55, 0.7), "final")
+    assert not targets["gan_at_least_hu"] and not targets["at_least_90_percent"]
+
+
+TINY_UNET = {
+    "network_def#img_size": 16,
+    "network_def#stem_channels": 4,
+    "network_def#encoder_channels": [8, 8, 16],
+    "network_def#vit_layers": 1,
+    "network_def#vit_heads": 2,
+    "network_def#vit_mlp_dim": 8,
+    "network_def#hidden_size": 8,
+    "network_def#head_channels": 8,
+    "network_def#decoder_channels": [8, 4, 4, 4],
+    "network_def#proj_dim": 4,
+    "batch_size": 8,
+    "contrastive_batch_size": 8,
+}
+TINY_GAN = {
+    "network_def#channels": [4, 8],
+    "network_def#noise_channels": 2,
+    "discriminator_def#channels": [4, 8],
+    "batch_size": 2,
+}
+
+
+def test_whole_benchmark_at_toy_size_and_resumed(tmp_path):
+    lines: list[str] = []
+    kwargs = dict(
+        phantoms=("realistic",), seeds=(3,), selections=("final",), num_cases=14, shape=(40, 40, 16),
+        grid=(8, 16, 16), gan_epochs=1, unet_epochs=1, val_fraction=0.2, test_fraction=0.2,
+        gan_overrides=TINY_GAN, unet_overrides=TINY_UNET, progress=lines.append,
+    )  # fmt: skip
+    report = run_covid_benchmark(str(tmp_path), **kwargs)
+    block = report["phantoms"]["realistic"]
+    assert set(block["methods"]) == {
+        "transunet_gan_final", "transunet_hu_final", "transunet_true_final", "hu_rule", "hu_rule_tuned"
+    }  # fmt: skip
+    for name, summary in block["methods"].items():
+        assert summary["num_runs"] == 1 and 0.0 <= summary["mean_dice"] <= 1.0, name
+    assert block["num_test_studies"] >= 1 and -800 < block["hu_window"][0] < -200  # Otsu inside the lung
+    assert (tmp_path / "realistic" / "seed3" / "transunet_gan_final" / "model.pt").is_file()
+    assert set(block["targets"]) == {"final"}
+    with open(tmp_path / "covid_benchmark.json") as f:
+        assert json.load(f)["phantoms"]["realistic"]["targets"] == json.loads(json.dumps(block["targets"]))
+    assert "Phantom `realistic`" in (tmp_path / "covid_benchmark.md").read_text()
+    # a second invocation reuses every finished run (and gives the same figures)
+    lines.clear()
+    again = run_covid_benchmark(str(tmp_path), **kwargs)
+    reused = [line for line in lines if line.startswith("reusing finished run")]
+    assert len(reused) == 8 and not any("GAN seed" in line for line in lines)
+    assert again["phantoms"]["realistic"]["methods"] == json.loads(json.dumps(block["methods"]))

@@ -107,3 +107,69 @@ def test_training_stages_refuse_a_datalist_that_leaks_a_masked_study(leaky_datas
     while cause is not None and not isinstance(cause, DataError):
         cause = cause.__cause__
     assert isinstance(cause, DataError) and f"training study {case} has a mask" in str(cause)
+
+
+TINY_UNET = {
+    "network_def#img_size": 32,
+    "network_def#stem_channels": 8,
+    "network_def#encoder_channels": [16, 32, 64],
+    "network_def#vit_layers": 1,
+    "network_def#vit_heads": 2,
+    "network_def#vit_mlp_dim": 32,
+    "network_def#hidden_size": 16,
+    "network_def#head_channels": 16,
+    "network_def#decoder_channels": [16, 8, 8, 4],
+    "network_def#proj_dim": 8,
+    "batch_size": 8,
+    "contrastive_batch_size": 8,
+    "epochs": 1,
+    "num_workers": 0,
+}
+
+
+@pytest.mark.parametrize("selection", ["final", "validation"])
+def test_final_model_selection_trains_without_reading_a_reference_mask(tmp_path, selection):
+    """``model_selection="final"``: no validation, the last epoch saved as model.pt, and no reference mask read: the
+    validation studies' masks point at missing files, which the default selection cannot train with."""
+    from common.benchmarks.covid import _truth, write_label_dir
+
+    root = str(tmp_path / "data")
+    write_mosmed(root, shape=(48, 48, 16), seed=0, progress=False, category_counts={0: 2, 1: 5})
+    datalist = build_datalist("mosmed", root, val_fraction=0.3, test_fraction=0.0, progress=False)
+    labels = write_label_dir(
+        datalist, root, str(tmp_path / "labels"), (16, 32, 32), lambda it, *_: _truth(root, it["case"])
+    )
+    for item in datalist["validation"]:
+        item["label"] = "masks/missing_mask.nii.gz"
+    path = str(tmp_path / "datalist.json")
+    save_datalist(datalist, path)
+    parser = config("train.json")
+    ckpt = str(tmp_path / "ckpt")
+    parser.update(
+        {
+            **TINY_UNET,
+            "bundle_root": BUNDLE,
+            "dataset_dir": root,
+            "data_list_file_path": path,
+            "pseudo_mask_dir": labels,
+            "ckpt_dir": ckpt,
+            "output_dir": str(tmp_path / "out"),
+            "model_selection": selection,
+        }
+    )
+    if selection == "validation":
+        with pytest.raises(Exception) as err:
+            parser.get_parsed_content("train#trainer").run()
+        chain, cause = [], err.value
+        while cause is not None:
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        assert any("missing_mask" in text for text in chain)
+        return
+    parser.get_parsed_content("initialize#1")  # check_model_selection accepts it
+    parser.get_parsed_content("train#trainer").run()
+    assert os.path.isfile(os.path.join(ckpt, "model.pt"))
+    parser["model_selection"] = "Final"
+    with pytest.raises(RuntimeError) as err:
+        parser.get_parsed_content("initialize#1", lazy=False)
+    assert "model_selection must be one of" in str(err.value.__cause__)

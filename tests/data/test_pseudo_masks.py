@@ -161,3 +161,20 @@ def test_attach_pseudo_masks_names_missing_studies(tmp_path):
         attach_pseudo_masks([*items, {"case": "s2", "image": "b.nii.gz"}], tmp_path)
     with pytest.raises(DataError, match="already has 'label'"):
         attach_pseudo_masks([{"case": "s1", "label": "masks/s1_mask.nii.gz"}], tmp_path)
+
+
+def test_hu_window_rule_and_otsu_window():
+    from common.data.pseudo_masks import hu_window_mask, otsu_lung_window
+
+    hu = np.array([-900.0, -700.0, -400.0, 0.0, -500.0])
+    lung = np.array([1, 1, 1, 1, 0], dtype=bool)
+    np.testing.assert_array_equal(hu_window_mask(hu, lung, (-750.0, -100.0)), [False, True, True, False, False])
+    with pytest.raises(ValueError, match="hi > lo"):
+        hu_window_mask(hu, lung, (0.0, 0.0))
+    rng = np.random.default_rng(0)
+    # aerated lung near -850 HU and denser tissue near -300 HU: Otsu's threshold falls between the modes
+    lungs = [np.concatenate([rng.normal(-850, 30, 5000), rng.normal(-300, 60, 800), [400.0] * 50]) for _ in range(2)]
+    lo, hi = otsu_lung_window(lungs)
+    assert -750 < lo < -400 and hi == 100.0
+    with pytest.raises(ValueError, match="no lung voxels"):
+        otsu_lung_window([])

@@ -99,6 +99,38 @@ def test_contrastive_phase_trains_the_encoder_only_through_the_embedding():
     assert torch.equal(head, net.segmentation_head.weight) and not torch.equal(stem, net.stem.conv.weight)
 
 
+def test_each_phase_steps_only_its_own_parameters():
+    """Adam with one optimiser over the whole network, two epochs: the contrastive phase must leave the decoder (its
+    weights and batch-norm statistics) exactly as it was, the segmentation phase the projection head; both move the
+    shared encoder. With zero (rather than no) gradients, Adam's momentum moves the idle part from epoch 2 on."""
+    torch.manual_seed(0)
+    net = TransUNet(**TINY)
+    trainer = make_trainer(net, EnhancedSupConLoss(temperature=0.5), epochs=2)
+    snapshots: list[tuple[str, dict]] = []
+
+    def snap(name: str):
+        return lambda engine: snapshots.append((f"{name}{engine.state.epoch}", copy.deepcopy(net.state_dict())))
+
+    trainer.add_event_handler(Events.STARTED, snap("start"))
+    trainer.add_event_handler(Events.EPOCH_STARTED, snap("after_contrastive"))  # runs after the phase's handler
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, snap("after_segmentation"))
+    trainer.run()
+    names = [n for n, _ in snapshots]
+    assert names == ["start0", "after_contrastive1", "after_segmentation1", "after_contrastive2", "after_segmentation2"]
+    states = [s for _, s in snapshots]
+
+    def changed(a: dict, b: dict, prefixes: tuple[str, ...]) -> list[str]:
+        return [k for k in a if k.startswith(prefixes) and not torch.equal(a[k], b[k])]
+
+    decoder, projection, encoder = ("conv_more", "decoder", "segmentation_head"), ("projection",), ("stem", "stage1")
+    for before, after in ((0, 1), (2, 3)):  # contrastive phases of epochs 1 and 2
+        assert changed(states[before], states[after], decoder) == []
+        assert changed(states[before], states[after], encoder)
+    for before, after in ((1, 2), (3, 4)):  # segmentation phases
+        assert changed(states[before], states[after], projection) == []
+        assert changed(states[before], states[after], encoder)
+
+
 def test_invalid_arguments():
     net = TransUNet(**TINY)
     with pytest.raises(ValueError, match="contrastive_loss_function"):
@@ -111,8 +143,18 @@ def test_invalid_arguments():
             SegmentationLoss(),
             contrastive_data_loader=DataLoader(slices(2, 0)),
         )
-    with pytest.raises(ValueError, match="forward_with_embedding"):
+    with pytest.raises(ValueError, match="embed"):
         make_trainer(nn.Conv2d(1, 1, 1), EnhancedSupConLoss())
+    with pytest.raises(ValueError, match="optim_set_to_none"):
+        ContrastiveSegmentationTrainer(
+            "cpu",
+            1,
+            DataLoader(slices(2, 0)),
+            net,
+            torch.optim.Adam(net.parameters()),
+            SegmentationLoss(),
+            optim_set_to_none=False,
+        )
     no_phase = make_trainer(TransUNet(**TINY), None)
     no_phase.run()
     assert "contrastive_loss" not in no_phase.state.metrics

@@ -135,3 +135,15 @@ def test_generator_2d_variant():
     assert gen.noise_shape(x.shape) == (2, 2, 8, 8) and gen(x).shape == x.shape
     with pytest.raises(ValueError, match="spatial_dims"):
         InpaintingGenerator(spatial_dims=1)
+
+
+def test_discriminator_2d_variant_pairs_with_the_2d_generator():
+    gen = InpaintingGenerator(channels=(4, 8, 16), noise_channels=2, spatial_dims=2)
+    disc = PatchDiscriminator3D(channels=(4, 8), spatial_dims=2)
+    out = disc(gen(torch.rand(2, 1, 32, 32)))
+    assert out.shape == (2, 1, 8, 8)
+    assert all(m.weight.dim() == 4 for m in disc.modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match="4D input"):
+        disc(torch.rand(2, 1, 8, 32, 32))
+    with pytest.raises(ValueError, match="spatial_dims"):
+        PatchDiscriminator3D(spatial_dims=1)

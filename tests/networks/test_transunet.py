@@ -33,10 +33,9 @@ def test_output_and_embedding_shapes(model):
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         logits = model(x)
-        logits2, emb = model.forward_with_embedding(x)
+        emb = model.embed(x)
     assert logits.shape == (3, 2, 64, 64)
     assert emb.shape == (3, 8)
-    torch.testing.assert_close(logits, logits2)
     assert torch.all(emb.norm(dim=1) > 0)  # L2-normalisable
 
 
@@ -70,14 +69,20 @@ def test_script_and_trace_match_eager(model):
         torch.testing.assert_close(torch.jit.trace(model, x, check_trace=False)(x), eager)
 
 
-def test_embedding_trains_the_encoder_not_the_decoder():
+def test_embedding_uses_the_encoder_not_the_decoder_and_the_output_not_the_projection():
     torch.manual_seed(0)
-    net = TransUNet(**TINY)
-    _, emb = net.forward_with_embedding(torch.rand(2, 1, 64, 64))
-    emb.sum().backward()
+    net = TransUNet(**TINY).train()
+    decoder_stats = net.decoder[0].conv1.adn.N.running_mean.clone()
+    net.embed(torch.rand(2, 1, 64, 64)).sum().backward()
     assert net.stem.conv.weight.grad.abs().sum() > 0
     assert net.vit_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert net.segmentation_head.weight.grad is None
+    decoder = [p for m in (net.conv_more, net.decoder, net.segmentation_head) for p in m.parameters()]
+    assert all(p.grad is None for p in decoder)
+    assert torch.equal(decoder_stats, net.decoder[0].conv1.adn.N.running_mean)  # the decoder did not even run
+    net.zero_grad(set_to_none=True)
+    net(torch.rand(2, 1, 64, 64)).sum().backward()
+    assert all(p.grad is None for p in net.projection.parameters())
+    assert net.segmentation_head.weight.grad.abs().sum() > 0
 
 
 def test_validation():

@@ -2,11 +2,28 @@
 
 The phantom is built in patient millimetres: an elliptic trunk (subcutaneous fat, chest wall with ribs),
 mediastinum (heart, descending aorta, fat), a vertebra, two lungs (apical dome, diaphragm domes, the right
-one higher, a cardiac notch on the left, denser dependent parenchyma), pulmonary vessels as a branching tree of
+one higher, a cardiac notch on the left, denser dependent parenchyma) that fill their pleural cavities (the chest
+wall, its ribs 2 mm outside the pleura, follows them round the apices and into the costophrenic corners), pulmonary vessels as a branching tree of
 tapered tubes from each hilum, and airways (trachea, main and lobar bronchi) as air-filled tubes with soft-tissue
 walls. Lesions of categories CT-1..CT-4 are ground-glass opacities (-700..-300 HU) with consolidated cores
 (-100..+50 HU), multifocal, with a subpleural, posterior and basal preference. The scan is blurred slightly
 (reconstruction kernel), gets correlated Gaussian noise, and is stored as int16 HU like real CT.
+
+Two options make the phantom harder in the ways real CT is (both off by default, so that a seed gives the same
+study as before; each draws from its own child of the case's random generator, so switching one on keeps the
+anatomy of the study):
+
+- ``pleural_lesions``: dense disease *against the chest wall*, the case a threshold lung mask cuts out. Lesioned
+  studies gain one or two pleural-based masses (half-ellipsoids of -30..+50 HU centred on the costal pleura, 15-40
+  mm along it) and, in two of three studies, a band of subpleural consolidation along the wall; these are lesions.
+  Any study (healthy too) may get dense dependent atelectasis: a posterior basal band of collapsed lung (0..+40 HU)
+  against the wall, inside the lungs but *not* a lesion (``atelectasis`` in the output).
+- ``hu_overlap``: normal structures that take the HU of disease, so that no HU window separates the two, as in
+  real scans: a stronger dependent (gravity) density gradient (to about -650 HU at the back of a supine patient),
+  fainter ground glass (from -760 HU), a denser tree of finer vessels with the partial volume of thick slices
+  (vessel occupancy blurred along z over the slice profile), motion blur next to the heart and at the lung bases
+  (cardiac and respiratory motion smear vessels into GGO-like haze), and low-dose noise (35-70 HU instead of
+  10-25 HU).
 
 Orientation: ``affine = diag(-sx, -sy, sz)`` (DICOM LPS axes written as NIfTI RAS), so voxel index ``i`` runs
 towards the patient's left and ``j`` towards the back.
@@ -153,8 +170,45 @@ def _branching_tree(
     return segments
 
 
+def _wall_lesion(
+    grid: _PatientGrid,
+    lung: np.ndarray,
+    wall_distance: np.ndarray,
+    ellipse_axes: tuple[float, float, float],
+    mid_zone: np.ndarray,
+    side: float,
+    mediastinum_half: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A pleural-based mass: a half-ellipsoid centred on the costal pleura of one lung, ``-> (X, Y, Z)`` bool in lung.
+
+    The centre is a lung voxel of ``mid_zone`` within 3 mm of the chest wall (``wall_distance``) and at least 25 mm
+    lateral of the mediastinum; the axes are along the wall (15-40 mm), into the lung (12-30 mm) and along z (12-30 mm), so half of
+    the ellipsoid is chest wall and the lung part is a lens that touches the wall over its whole width.
+    """
+    cavity_a, cavity_b, v0 = ellipse_axes
+    candidates = np.argwhere(lung & (wall_distance < 3.0) & (side * grid.u > mediastinum_half + 25.0) & mid_zone)
+    if not len(candidates):
+        return np.zeros(grid.shape, dtype=bool)
+    centre = (candidates[rng.integers(len(candidates))] - grid.centre) * grid.spacing
+    inward = _unit(np.array([-centre[0] / cavity_a**2, -(centre[1] - v0) / cavity_b**2, 0.0]))
+    along = np.array([-inward[1], inward[0], 0.0])
+    r_along, r_in, r_z = rng.uniform(15.0, 40.0), rng.uniform(12.0, 30.0), rng.uniform(12.0, 30.0)
+    du, dv, dw = grid.u - centre[0], grid.v - centre[1], grid.w - centre[2]
+    inside = (
+        ((du * inward[0] + dv * inward[1]) / r_in) ** 2
+        + ((du * along[0] + dv * along[1]) / r_along) ** 2
+        + (dw / r_z) ** 2
+    ) <= 1
+    return lung & inside
+
+
 def make_chest_ct_case(
-    shape: Sequence[int] = (128, 128, 32), rng: np.random.Generator | int | None = None, category: int = 0
+    shape: Sequence[int] = (128, 128, 32),
+    rng: np.random.Generator | int | None = None,
+    category: int = 0,
+    pleural_lesions: bool = False,
+    hu_overlap: bool = False,
 ) -> dict[str, np.ndarray]:
     """One synthetic chest CT in HU, healthy (``category=0``) or with COVID-19-like lesions (1..4).
 
@@ -165,18 +219,29 @@ def make_chest_ct_case(
 
     Args:
         shape: grid (X, Y, Z), each >= 16 (slices along Z); spacing from :func:`chest_ct_spacing`.
-        rng: a numpy ``Generator`` or a seed; the case is a deterministic function of it and ``category``.
+        rng: a numpy ``Generator`` or a seed; the case is a deterministic function of it, ``category`` and the
+            options.
         category: MosMed severity, 0 (healthy) to 4.
+        pleural_lesions: add pleural-based masses, subpleural consolidation and dependent atelectasis (see the
+            module docstring). Default False.
+        hu_overlap: add the normal structures whose HU overlap those of disease (see the module docstring).
+            Default False.
 
     Returns:
         dict with ``image``: int16 (X, Y, Z) HU (air -1000, fat ~-100, soft tissue ~+40, lung ~-850);
         ``lesion``: uint8 binary lesion mask (all zero for category 0), inside ``lung``; ``lung``: uint8 mask of
-        both lungs; ``affine``: 4x4; ``spacing``: (3,) mm; ``lesion_fraction``: 0-d float, lesion / lung volume.
+        both lungs (the anatomical lungs: lesions and atelectasis included, airways not); ``atelectasis``: uint8
+        mask of the dependent atelectasis (not a lesion; all zero unless ``pleural_lesions``); ``pleural_lesion``:
+        uint8 mask of the lesions against the chest wall (part of ``lesion``; all zero unless ``pleural_lesions``);
+        ``affine``: 4x4;
+        ``spacing``: (3,) mm; ``lesion_fraction``: 0-d float, lesion / lung volume.
     """
     shape = check_shape(shape)
     if isinstance(category, bool) or category not in CT_CATEGORIES:
         raise ValueError(f"category must be one of {CT_CATEGORIES}, got {category!r}")
     rng = np.random.default_rng(rng)
+    # the options draw from children of the generator (spawning does not advance it): the anatomy stays the same
+    pleural_rng, overlap_rng = rng.spawn(2)
     spacing = chest_ct_spacing(shape, rng)
     grid = _PatientGrid(shape, spacing)
     u, v, w = grid.u, grid.v, grid.w
@@ -240,10 +305,18 @@ def make_chest_ct_case(
     image[muscle] = 45.0
     mediastinal_fat = smooth_random_field(shape, rng, np.array([15.0, 15.0, 15.0]) / spacing) > 0.6
     image[cavity] = np.where(mediastinal_fat[cavity], -90.0, 35.0)
+    # the lungs fill their pleural cavities: the rest of the cavity beside the mediastinum (round the apices, the
+    # costophrenic corners) is chest wall, and the abdomen lies under the diaphragm
+    under_lung = lung.any(axis=2, keepdims=True)
+    below_lungs = under_lung & (np.cumsum(lung, axis=2) == 0)
+    mediastinal = np.broadcast_to((np.abs(u) <= mediastinum_half) | (vertebra_distance <= r_vertebra + 6.0), shape)
+    interior = cavity & ~(under_lung & ~(lung | mediastinal | heart | aorta | below_lungs))
+    image[cavity & ~interior] = 45.0
     image[heart] = _BLOOD
     image[aorta] = 42.0
-    # ribs: bone in the chest wall on a sloped, periodic pattern
-    ring = muscle & ~np.broadcast_to(ellipse(cavity_a + 2.0, cavity_b + 2.0), shape)
+    # ribs: bone 2 mm outside the pleura, up to 10 mm thick, on a sloped, periodic pattern
+    wall_depth = ndimage.distance_transform_edt(~interior, sampling=(spacing[0], spacing[1], 1e4))
+    ring = muscle & ~interior & (wall_depth >= 2.0) & (wall_depth <= 2.0 + min(wall, 10.0))
     rib_phase = (w + 0.25 * np.abs(u) + rng.uniform(0, 30.0)) / rng.uniform(28.0, 34.0)
     ribs = ring & (np.sin(2 * np.pi * rib_phase) > 0.45) & (w <= top + 10.0)
     image[ribs] = rng.uniform(350.0, 550.0)
@@ -255,6 +328,11 @@ def make_chest_ct_case(
     # lung parenchyma: denser in the dependent (posterior) part, mild texture
     posterior = np.clip((v - (v0 - cavity_b)) / (2 * cavity_b), 0, 1)
     parenchyma = -870.0 + 50.0 * posterior + 12.0 * smooth_random_field(shape, rng, 3.0)
+    if hu_overlap:
+        # gravity-dependent density of a supine patient, patchy: up to about -650 HU at the back
+        patchy = 0.5 + 0.5 * np.tanh(smooth_random_field(shape, overlap_rng, 12.0 / spacing))
+        parenchyma = parenchyma + 170.0 * posterior**3 * (0.6 + 0.8 * patchy)
+        parenchyma = parenchyma + 12.0 * smooth_random_field(shape, overlap_rng, 2.0)
     image[lung] = np.broadcast_to(parenchyma, shape)[lung]
 
     # lesions
@@ -283,7 +361,8 @@ def make_chest_ct_case(
         if n_cons:
             cut = np.partition(lesion_scores, lesion_scores.size - n_cons)[lesion_scores.size - n_cons]
             consolidation = lesion & (score >= cut)
-        ggo_hu = -680.0 + 330.0 * ggo_density
+        # faint ground glass starts where dependent density ends
+        ggo_hu = (-760.0 + 410.0 * ggo_density) if hu_overlap else (-680.0 + 330.0 * ggo_density)
         consolidation_hu = -90.0 + 120.0 * consolidation_density
         in_plane_sigma = (0.6, 0.6, 0.3)
         consolidation_weight = ndimage.gaussian_filter(consolidation.astype(np.float32), in_plane_sigma)
@@ -291,8 +370,50 @@ def make_chest_ct_case(
         alpha = np.clip(1.3 * ndimage.gaussian_filter(lesion.astype(np.float32), in_plane_sigma), 0, 1) * lung
         image = (1 - alpha) * image + alpha * lesion_hu
 
+    atelectasis = np.zeros(shape, dtype=bool)
+    dense = np.zeros(shape, dtype=bool)
+    if pleural_lesions:
+        cavity_2d = ellipse(cavity_a, cavity_b)[:, :, 0]
+        wall_distance = ndimage.distance_transform_edt(cavity_2d, sampling=spacing[:2])[:, :, None]
+        irregular = smooth_random_field(shape, pleural_rng, 10.0 / spacing)
+        # masses and bands sit on the costal pleura of the middle zones, off the apex and the diaphragm
+        mid_zone = (height > 0.3) & (height < 0.8)
+        if category:
+            sides = pleural_rng.choice([-1.0, 1.0], size=int(pleural_rng.integers(1, 3)))
+            for side in sides:
+                dense |= _wall_lesion(
+                    grid, lung, wall_distance, (cavity_a, cavity_b, v0), mid_zone, side, mediastinum_half, pleural_rng
+                )
+            if pleural_rng.random() < 2 / 3:
+                # subpleural consolidation: a band 5-15 mm deep along a 60-120 degree arc of one lung's wall
+                side = pleural_rng.choice([-1.0, 1.0])
+                angle = np.arctan2(v - v0, side * u)
+                centre, half_arc = pleural_rng.uniform(-np.pi / 2, np.pi / 2), np.deg2rad(pleural_rng.uniform(30, 60))
+                z_centre, z_half = pleural_rng.uniform(base, top), pleural_rng.uniform(20.0, 50.0)
+                z_centre = base + lung_height * (0.3 + 0.5 * (z_centre - base) / lung_height)
+                depth = pleural_rng.uniform(5.0, 15.0)
+                dense |= (
+                    lung
+                    & (side * u > 0)
+                    & (np.abs(angle - centre) < half_arc)
+                    & (np.abs(w - z_centre) < z_half)
+                    & mid_zone
+                    & (wall_distance < depth * (1 + 0.4 * irregular))
+                )
+            lesion |= dense
+        if pleural_rng.random() < 0.6:
+            # dependent atelectasis: collapsed lung at the back of the bases, against the wall; not a lesion
+            depth = pleural_rng.uniform(8.0, 20.0)
+            atelectasis = (
+                lung & (v > v0 + 0.2 * cavity_b) & (height < 0.55) & (wall_distance < depth * (1 + 0.4 * irregular))
+            ) & ~lesion
+        dense_hu = 10.0 + 30.0 * np.tanh(smooth_random_field(shape, pleural_rng, 8.0 / spacing))
+        alpha = np.clip(1.3 * ndimage.gaussian_filter((dense | atelectasis).astype(np.float32), (0.6, 0.6, 0.3)), 0, 1)
+        alpha *= lung
+        image = (1 - alpha) * image + alpha * dense_hu
+
     # pulmonary vessels: trees from each hilum, trunks aimed at random points of the lung
-    min_radius = max(0.5, 0.25 * float(spacing[0]))
+    min_radius = max(0.5, 0.25 * float(spacing[0])) * (0.6 if hu_overlap else 1.0)
     carina = np.array([0.0, v_trachea, base + rng.uniform(0.6, 0.7) * lung_height])
     lung_points = (np.argwhere(lung) - grid.centre) * spacing
 
@@ -316,10 +437,14 @@ def make_chest_ct_case(
             rng,
             keep=keep,
             min_radius=min_radius,
-            max_depth=8,
+            max_depth=10 if hu_overlap else 8,
             targets=targets,
         )
-    vessel_occupancy = _render_tubes(vessels, grid) * lung
+    vessel_occupancy = _render_tubes(vessels, grid)
+    if hu_overlap:
+        # partial volume of a thick slice: each slice averages the vessels over its sensitivity profile
+        vessel_occupancy = ndimage.gaussian_filter1d(vessel_occupancy, 0.5, axis=2)
+    vessel_occupancy = vessel_occupancy * lung
     image = (1 - vessel_occupancy) * image + vessel_occupancy * _BLOOD
 
     # airways: trachea from the top of the field of view to the carina, main and lobar bronchi
@@ -347,10 +472,20 @@ def make_chest_ct_case(
     image = (1 - lumen) * image + lumen * _AIR
     lesion &= lumen < 0.5
 
+    if hu_overlap:
+        # cardiac motion next to the heart, respiratory motion at the bases: vessels smear into haze
+        heart_distance = ndimage.distance_transform_edt(~heart, sampling=spacing)
+        motion = np.clip(np.exp(-heart_distance / 20.0) + np.clip(1 - height / 0.3, 0, 1), 0, 1)
+        blurred = ndimage.gaussian_filter(image, (2.5 / spacing[0], 2.5 / spacing[1], 0.4))
+        image = (1 - motion) * image + motion * blurred
+
     # reconstruction blur and correlated noise
     image = ndimage.gaussian_filter(image, (0.5, 0.5, 0.25))
     noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), (0.7, 0.7, 0.0))
-    noise *= rng.uniform(10.0, 25.0) / max(float(noise.std()), 1e-6)
+    noise_sd = rng.uniform(10.0, 25.0)
+    if hu_overlap:  # low-dose protocol
+        noise_sd = overlap_rng.uniform(35.0, 70.0)
+    noise *= noise_sd / max(float(noise.std()), 1e-6)
     image = np.clip(np.round(image + noise), -1024, 3071).astype(np.int16)
 
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
@@ -360,6 +495,8 @@ def make_chest_ct_case(
         "image": image,
         "lesion": lesion.astype(np.uint8),
         "lung": lung.astype(np.uint8),
+        "atelectasis": atelectasis.astype(np.uint8),
+        "pleural_lesion": (dense & lesion).astype(np.uint8),
         "affine": affine,
         "spacing": spacing,
         "lesion_fraction": np.asarray(lesion.sum() / max(lung_volume, 1)),
