@@ -124,8 +124,7 @@ def _check_bundle(bundle_dir: str, work: str, device: str, profile: str, data: F
     """Train with AMP, infer on the pipeline's data and on the full-size volume; one row per stage. ``data`` and
     ``full`` give ``(dataset folder, datalist)`` of the two datasets (written in worker processes)."""
     from common.bundle.checks import check_inference_outputs
-    from common.bundle.pipeline import CHECKPOINT_NAME, PipelineResult, load_pipeline, run_stage
-    from common.bundle.pipeline import stage_overrides as profile_overrides
+    from common.bundle.pipeline import PipelineResult, load_pipeline, run_stage, stage_overrides, stage_run_overrides
 
     name = os.path.basename(bundle_dir)
     spec = load_pipeline(bundle_dir)
@@ -141,18 +140,10 @@ def _check_bundle(bundle_dir: str, work: str, device: str, profile: str, data: F
         t0 = time.perf_counter()
         try:
             data_dir, data_list = source if source is not None else full.result()  # written meanwhile
-            overrides: dict[str, Any] = {
-                "dataset_dir": data_dir,
-                "data_list_file_path": data_list,
-                "output_dir": os.path.join(base, stage["name"]),
-                "ckpt_dir": ckpt_dir,
-                "device": device,
-            }
-            if stage.get("uses_checkpoint"):
-                overrides[stage["uses_checkpoint"]] = os.path.join(ckpt_dir, CHECKPOINT_NAME)
-            overrides.update(profile_overrides(stage, profile))
+            out_dir = os.path.join(base, stage["name"])
+            overrides = stage_run_overrides(stage, profile, data_dir, data_list, out_dir, ckpt_dir, device)
             if stage.get("trains"):  # one epoch, validated: the test profile's schedule
-                test = profile_overrides(stage, "test")
+                test = stage_overrides(stage, "test")
                 overrides.update({k: test[k] for k in ("epochs", "val_interval") if k in test})
             overrides["amp"] = True
             run_stage(bundle_dir, stage, overrides, os.path.join(work, "logs", f"{label}.log"), timeout=1800)

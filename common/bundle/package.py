@@ -73,9 +73,7 @@ LOCAL_DATALIST = "configs/datalist.json"  # the configs' default datalist: made 
 SHIPPED_FOLDERS = ("configs", "docs", "models")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 #: the first ``initialize`` expression of a packaged config: what ``ConfigWorkflow.run`` does, done early enough
-SYS_PATH_EXPRESSION = (
-    "$sys.path.insert(1, os.path.abspath(@bundle_root)) if os.path.abspath(@bundle_root) not in sys.path else None"
-)
+SYS_PATH_EXPRESSION = "$sys.path.insert(1, os.path.abspath(@bundle_root))"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry: reproducible archives
 _HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
 # a dotted name in package `common` (not `uncommon.x`, not `obj.common.x`)
@@ -480,8 +478,8 @@ def _is_import_statement(code: str) -> bool:
 def _names_to_references(code: str, names: set[str], path: str) -> str:
     """Replace each free use of a name in ``names`` in the Python expression ``code`` by the reference ``@name``.
 
-    MONAI references (``@id``) are masked first (``#`` would read as a comment); names bound inside the expression
-    (comprehension variables, lambda arguments) and attributes (``x.name``) are left alone.
+    MONAI references (``@id``) are masked first (``#`` would read as a comment); attributes (``x.name``) and
+    keyword names (``f(name=...)``) are left alone.
     """
     if not names or not any(n in code for n in names):
         return code
@@ -501,7 +499,7 @@ def _names_to_references(code: str, names: set[str], path: str) -> str:
     starts = [0]
     for line in lines[:-1]:
         starts.append(starts[-1] + len(line) + 1)
-    hits = sorted(starts[n.lineno - 1] + n.col_offset for n in _free_names(tree, names))
+    hits = sorted(starts[n.lineno - 1] + n.col_offset for n in _free_names(tree, names, code, path))
     data = text.strip().encode("utf-8")
     for position in reversed(hits):  # from the end, so earlier offsets stay valid
         data = data[:position] + b"@" + data[position:]
@@ -509,35 +507,22 @@ def _names_to_references(code: str, names: set[str], path: str) -> str:
     return re.sub(r"__ref(\d+)__", lambda m: masked[int(m.group(1))], out)
 
 
-def _free_names(tree: ast.AST, names: set[str]) -> list[ast.Name]:
-    """The ``ast.Name`` loads of ``names`` in ``tree`` that refer to the global, not to a lambda argument or a
-    comprehension variable of the same name (Python's scoping: a comprehension's first iterable is evaluated
-    outside it)."""
-    found: list[ast.Name] = []
+def _free_names(tree: ast.AST, names: set[str], code: str, path: str) -> list[ast.Name]:
+    """The ``ast.Name`` loads of ``names`` in ``tree``.
 
-    def visit(node: ast.AST, shadowed: frozenset[str]) -> None:
-        if isinstance(node, ast.Name):
-            if isinstance(node.ctx, ast.Load) and node.id in names and node.id not in shadowed:
-                found.append(node)
-        elif isinstance(node, ast.Lambda):
-            for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
-                visit(default, shadowed)
-            visit(node.body, shadowed | {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)})
-        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
-            inner = set(shadowed)
-            for i, generator in enumerate(node.generators):
-                visit(generator.iter, shadowed if i == 0 else frozenset(inner))
-                inner |= {n.id for n in ast.walk(generator.target) if isinstance(n, ast.Name)}
-                for condition in generator.ifs:
-                    visit(condition, frozenset(inner))
-            for part in (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,):
-                visit(part, frozenset(inner))
-        else:
-            for child in ast.iter_child_nodes(node):
-                visit(child, shadowed)
-
-    visit(tree, frozenset())
-    return found
+    The configs' expressions are calls (their logic lives in named functions of ``common``), so a name is never
+    rebound inside one; an expression that binds one of ``names`` (a lambda argument, a comprehension variable)
+    is refused rather than rewritten by Python's scoping rules.
+    """
+    bound = {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    bound |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    if bound & names:
+        raise DataError(
+            path,
+            f"expression {code!r} binds {sorted(bound & names)}, which the configs import; "
+            "move the expression's logic into a function of common",
+        )
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in names]
 
 
 def _third_party_imports(tree: ast.AST) -> Iterator[tuple[str, bool]]:

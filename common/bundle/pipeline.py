@@ -149,6 +149,31 @@ def stage_overrides(stage: dict[str, Any], profile: str) -> dict[str, Any]:
     return out
 
 
+def stage_run_overrides(
+    stage: dict[str, Any],
+    profile: str,
+    dataset_dir: str,
+    datalist: str,
+    output_dir: str,
+    ckpt_dir: str,
+    device: str,
+) -> dict[str, Any]:
+    """Everything a stage is run with: the data, ``output_dir``, ``ckpt_dir`` and ``device``, the trained checkpoint
+    ``<ckpt_dir>/model.pt`` under the stage's ``uses_checkpoint`` id (when it has one), then
+    :func:`stage_overrides` of ``profile``."""
+    overrides: dict[str, Any] = {
+        "dataset_dir": dataset_dir,
+        "data_list_file_path": datalist,
+        "output_dir": output_dir,
+        "ckpt_dir": ckpt_dir,
+        "device": device,
+    }
+    if stage.get("uses_checkpoint"):
+        overrides[stage["uses_checkpoint"]] = os.path.join(ckpt_dir, CHECKPOINT_NAME)
+    overrides.update(stage_overrides(stage, profile))
+    return overrides
+
+
 def stage_command(stage: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
     """The exact command line a user would type (from the bundle folder) for ``stage``."""
     configs = _as_list(stage["config_file"])
@@ -233,16 +258,7 @@ def run_pipeline(
         if wanted is not None and stage["name"] not in wanted:
             continue
         out_dir = os.path.join(work_dir, stage["name"])
-        overrides: dict[str, Any] = {
-            "dataset_dir": dataset_dir,
-            "data_list_file_path": datalist,
-            "output_dir": out_dir,
-            "ckpt_dir": ckpt_dir,
-            "device": device,
-        }
-        if stage.get("uses_checkpoint"):
-            overrides[stage["uses_checkpoint"]] = os.path.join(ckpt_dir, CHECKPOINT_NAME)
-        overrides.update(stage_overrides(stage, profile))
+        overrides = stage_run_overrides(stage, profile, dataset_dir, datalist, out_dir, ckpt_dir, device)
         overrides.update((extra_overrides or {}).get(stage["name"], {}))
         log_file = os.path.join(work_dir, "logs", f"{stage['name']}.log")
         result.stages.append(run_stage(bundle_dir, stage, overrides, log_file, echo=echo))

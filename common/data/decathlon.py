@@ -53,13 +53,31 @@ def load_datalist(path: str, list_key: str, base_dir: str) -> list[dict[str, Any
     return items
 
 
-def datalist_info(path: str) -> dict[str, Any]:
+def labelled_items(path: str, list_key: str, base_dir: str) -> list[dict[str, Any]]:
+    """The items of ``list_key`` that have a ``label``, paths joined as by :func:`load_datalist`: what an
+    evaluation can score (a MosMed ``testing`` list also holds studies without a mask)."""
+    return [item for item in load_datalist(path, list_key, base_dir) if "label" in item]
+
+
+def without_labels(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``items`` without their ``label`` key: what an inference reads (it never needs the label)."""
+    return [{k: v for k, v in item.items() if k != "label"} for item in items]
+
+
+def datalist_info(path: str, default: dict[str, Any] | None = None) -> dict[str, Any]:
     """Dataset-level facts a bundle needs: ``layout``, ``label_convention`` and ``channel_reorder``.
 
     ``channel_reorder`` is the index order that brings the image channels to the collection's T1c, T1, T2,
     FLAIR (the layout's ``channel_reorder``: ``None`` when they already are, as for the BraTS layouts). A datalist
     without ``label_convention`` gets its layout's, or else the layout name.
+
+    Args:
+        path: the datalist.
+        default: returned when no file is at ``path`` (a config's ``default_dataset_info``, for MONAI Label, which
+            trains and infers without a datalist); None: a missing datalist is an error.
     """
+    if default is not None and not os.path.isfile(path):
+        return default
     content = _read(path)
     layout = content.get("layout")
     spec = find_layout(layout)

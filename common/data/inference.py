@@ -35,9 +35,9 @@ from ignite.engine import Engine, Events
 from monai.transforms import Transform
 
 from common.cli import data_error_message
-from common.data.decathlon import datalist_info, load_datalist
-from common.data.layouts import path_keys
+from common.data.decathlon import datalist_info, load_datalist, without_labels
 from common.data.integrity import screen_items
+from common.data.layouts import path_keys
 from common.errors import DataError
 
 __all__ = ["SKIPPED_KEY", "SkipOnDataError", "SkippedCases", "inference_items"]
@@ -95,9 +95,7 @@ def inference_items(data_list_file_path: str, list_key: str = "testing", dataset
             run on another list, ``--inference_list``, or on files of one's own, ``--datalist``); no case passes the
             check.
     """
-    items = [
-        {k: v for k, v in d.items() if k != "label"} for d in load_datalist(data_list_file_path, list_key, dataset_dir)
-    ]
+    items = without_labels(load_datalist(data_list_file_path, list_key, dataset_dir))
     if not items:
         raise DataError(data_list_file_path, _empty_list_problem(data_list_file_path, list_key))
     skipped: list[tuple[dict, str]] = []

@@ -424,13 +424,32 @@ def verify_datalist(
 
 
 def require_valid_datalist(
-    data_list_file_path: str, dataset_dir: str, keys: Sequence[str] = ("training", "validation")
+    data_list_file_path: str,
+    dataset_dir: str,
+    keys: Sequence[str] = ("training", "validation"),
+    missing_ok: bool = False,
+    rank0_only: bool = False,
 ) -> None:
     """Raise :class:`~common.errors.DataError` listing every problem (one per line) of the datalist's cases.
 
     Called at the start of training, so that a bad file stops the run before the first epoch, not after hours;
-    in a bundle config: ``"$common.data.integrity.require_valid_datalist(@data_list_file_path, @dataset_dir)"``.
+    in a bundle config's ``initialize``: ``"$require_valid_datalist(@data_list_file_path, @dataset_dir)"``.
+
+    Args:
+        data_list_file_path: the datalist (``tools/prepare_datalist.py``); paths in it are relative to
+            ``dataset_dir``.
+        dataset_dir: the dataset folder.
+        keys: the lists of the datalist to check.
+        missing_ok: when no file is at ``data_list_file_path``, check nothing (MONAI Label trains with the data
+            as overrides and no datalist); otherwise a missing datalist is an error.
+        rank0_only: check only in the process of global rank 0 (torchrun's ``RANK`` variable, read from the
+            environment because the check runs before the process group exists), so that a multi-GPU run reads
+            every file once; the other ranks return at once.
     """
+    if rank0_only and int(os.environ.get("RANK", "0")) != 0:
+        return
+    if missing_ok and not os.path.isfile(data_list_file_path):
+        return
     problems = verify_datalist(data_list_file_path, dataset_dir, keys)
     if problems:
         lines = "\n".join(str(p) for p in problems)

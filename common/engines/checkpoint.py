@@ -51,13 +51,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EMAHandler
 from monai.handlers import CheckpointLoader
 from monai.networks.utils import copy_model_state
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from common.engines.distributed import is_rank_zero
 from common.errors import DataError
 from common.io import atomic_path, remove_partial_files
 
@@ -135,11 +135,6 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, before_replace: Callable[
         torch.save(obj, tmp)
         if before_replace is not None:
             before_replace(tmp)
-
-
-def _is_saving_rank() -> bool:
-    """Rank 0 of a ``torch.distributed`` job, or a single process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _unwrap(obj: Any) -> Any:
@@ -298,7 +293,7 @@ class ResumableCheckpoint:
 
     def save(self, engine: Engine) -> None:
         """Write the checkpoint (rank 0 only), atomically."""
-        if not _is_saving_rank():
+        if not is_rank_zero():
             return
         epoch = int(engine.state.epoch)
         save_checkpoint(self.state_of(engine), self.path, before_replace=_test_seam_pause(epoch, self.logger))
@@ -306,7 +301,7 @@ class ResumableCheckpoint:
 
     def restore(self, engine: Engine) -> None:
         """Remove stale temporary files; load the checkpoint when ``resume`` is true and it exists."""
-        if _is_saving_rank():
+        if is_rank_zero():
             for tmp in remove_partial_files(self.path):
                 self.logger.info(f"removed {tmp}, left by a run killed while saving")
         if not self.resume:
@@ -388,7 +383,7 @@ class _NetworkFileSaver:
         engine.add_event_handler(self.event, self)
 
     def _save(self, message: str, level: int = logging.INFO) -> None:
-        if _is_saving_rank():
+        if is_rank_zero():
             remove_partial_files(self.path)
             save_checkpoint(_unwrap(self.network).state_dict(), self.path)
             self.logger.log(level, f"{message} to {self.path}")
@@ -610,7 +605,7 @@ class FinalModelSaver(_NetworkFileSaver):
             how = "training completed"
         best = self.best_model_saver
         if self._validated():
-            if _is_saving_rank():
+            if is_rank_zero():
                 metric = best.best_metric_name or "key metric"
                 self.logger.info(
                     f"{how}: {self.path} holds the best validated weights "

@@ -9,10 +9,12 @@ and files each of its metrics under its own name, as if each were a MONAI metric
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +122,20 @@ class SegmentationMetricsHandler(IgniteMetricHandler):
                 self._engine.state.metric_details[name] = table[..., i]
         self._is_reduced = True
         return self.metric_fn.aggregate()
+
+
+def meta_from_engine(key: str = "image") -> Callable[[Sequence[Mapping[str, Any]]], list[dict]]:
+    """A ``batch_transform`` for MONAI's ``MetricsSaver``: a decollated batch -> the metadata of ``key`` per case.
+
+    ``MetricsSaver`` names each row of its per-case CSV files by the ``filename_or_obj`` of these dictionaries;
+    the counterpart of ``monai.handlers.from_engine``, which returns the tensors instead. In a config:
+    ``"batch_transform": "$meta_from_engine('image')"``.
+    """
+    return functools.partial(_meta_of, key=key)
+
+
+def _meta_of(batch: Sequence[Mapping[str, Any]], key: str) -> list[dict]:
+    return [case[key].meta for case in batch]
 
 
 def _nanmean(arr: np.ndarray) -> float | None:

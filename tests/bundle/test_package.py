@@ -192,8 +192,8 @@ def test_rewrite_references():
 def test_package_config_makes_vendored_imports_lazy():
     config = {
         "imports": ["$import os", "$from common.data.decathlon import load_datalist", "$from common.x import f as g"],
-        "datalist": "$[d for d in load_datalist(@data_list_file_path, @train#key) if d]",
-        "other": "$g(1) + obj.g + (lambda g: g)(2) + [load_datalist for load_datalist in [1]][0]",
+        "datalist": "$load_datalist(@data_list_file_path, @train#key)",
+        "other": "$g(1, g=obj.g, h=load_datalist)",
         "net": {"_target_": "common.networks.hlwa_unet.HLWAUNet", "features": "@features"},
         "initialize": "$g()",
     }
@@ -202,15 +202,19 @@ def test_package_config_makes_vendored_imports_lazy():
     assert out["load_datalist"] == {"_target_": "scripts.data.decathlon.load_datalist", "_mode_": "callable"}
     assert out["g"] == {"_target_": "scripts.x.f", "_mode_": "callable"}
     assert list(out)[:3] == ["imports", "g", "load_datalist"]  # the items follow the imports they replace
-    assert out["datalist"] == "$[d for d in @load_datalist(@data_list_file_path, @train#key) if d]"
-    # attributes, lambda arguments and comprehension variables of the same name are not references
-    assert out["other"] == "$@g(1) + obj.g + (lambda g: g)(2) + [load_datalist for load_datalist in [1]][0]"
+    assert out["datalist"] == "$@load_datalist(@data_list_file_path, @train#key)"
+    # attributes and keyword names of the same name are not references; a name passed as an argument is
+    assert out["other"] == "$@g(1, g=obj.g, h=@load_datalist)"
     assert out["net"] == {"_target_": "scripts.networks.hlwa_unet.HLWAUNet", "features": "@features"}
     assert out["initialize"] == [package.SYS_PATH_EXPRESSION, "$@g()"]
     assert config["imports"][1] == "$from common.data.decathlon import load_datalist"  # input untouched
     # a name the config imports from elsewhere stays that import, even if another config imports it from common
     other = {"imports": ["$from monai.data import load_decathlon_datalist as load_datalist"], "d": "$load_datalist(1)"}
     assert package.package_config(other, names={"load_datalist"}) == other
+    # an expression that rebinds an imported name is refused, not rewritten by Python's scoping rules
+    for logic in ("$(lambda g: g)(2)", "$[load_datalist for load_datalist in [1]]"):
+        with pytest.raises(DataError, match=r"x.json: expression .* binds \['(g|load_datalist)'\], which the configs"):
+            package.package_config({**config, "other": logic}, "x.json", names={"load_datalist"})
     with pytest.raises(DataError, match="also ids of the config"):
         package.package_config({"imports": ["$from common.a import f"], "f": 1}, "x.json")
     with pytest.raises(DataError, match="x.json: '\\$import common.a': write 'from common.<module>"):

@@ -238,6 +238,27 @@ def test_verify_and_require_valid_datalist(listed):
         verify_datalist(str(path), str(data))
 
 
+def test_require_valid_datalist_missing_ok_and_rank0_only(listed, tmp_path, monkeypatch):
+    path, data, bad, files = listed
+    missing = str(tmp_path / "no_datalist.json")
+    with pytest.raises(DataError, match="datalist not found"):
+        require_valid_datalist(missing, str(data))
+    require_valid_datalist(missing, str(data), missing_ok=True)  # MONAI Label: no datalist, nothing to check
+    with pytest.raises(DataError, match="1 data problem"):  # a datalist that is there is checked all the same
+        require_valid_datalist(str(path), str(data), missing_ok=True)
+    # under torchrun only global rank 0 reads the files; the others return at once
+    monkeypatch.setenv("RANK", "1")
+    require_valid_datalist(str(path), str(data), rank0_only=True)
+    with pytest.raises(DataError, match="1 data problem"):
+        require_valid_datalist(str(path), str(data))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DataError, match="1 data problem"):
+        require_valid_datalist(str(path), str(data), rank0_only=True)
+    monkeypatch.delenv("RANK")  # a single process
+    with pytest.raises(DataError, match="1 data problem"):
+        require_valid_datalist(str(path), str(data), rank0_only=True)
+
+
 def test_screen_items_skips_bad_cases_with_one_warning_each(listed, caplog):
     path, data, bad, files = listed
     items = load_datalist(str(path), "testing", str(data)) + load_datalist(str(path), "training", str(data))

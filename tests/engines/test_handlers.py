@@ -1,5 +1,6 @@
 """Tests for common/engines/handlers.py: SegmentationMetricsHandler files each metric per case and region, in mm from
-each case's own affine, where MONAI's MetricsSaver and MetricsSummaryJSON find them."""
+each case's own affine, where MONAI's MetricsSaver and MetricsSummaryJSON find them; meta_from_engine names
+MetricsSaver's rows by file."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver, from_engine
 
-from common.engines.handlers import MetricsSummaryJSON, SegmentationMetricsHandler
+from common.engines.handlers import MetricsSummaryJSON, SegmentationMetricsHandler, meta_from_engine
 from common.metrics.segmentation import METRIC_NAMES, hd95, lesion_wise, surface_dice
 
 
@@ -43,7 +44,7 @@ def test_handler_writes_each_metric_in_mm_per_case(tmp_path):
         str(tmp_path),
         metrics=list(METRIC_NAMES),
         metric_details=list(METRIC_NAMES),
-        batch_transform=lambda b: [x["image"].meta for x in b],
+        batch_transform=meta_from_engine("image"),
     ).attach(engine)
     MetricsSummaryJSON(str(tmp_path), channel_names=["TC", "WT"]).attach(engine)
     engine.run(cases, max_epochs=1)
@@ -77,3 +78,14 @@ def test_handler_writes_each_metric_in_mm_per_case(tmp_path):
     assert summary["hd95_mm_TC"] == pytest.approx(expected[:, 0, 0].mean())
     assert summary["mean_hd95_mm"] == pytest.approx(expected[:, :, 0].mean())
     assert summary["lesion_dice_WT"] == pytest.approx(expected[:, 1, 2].mean()) and summary["num_cases"] == 2
+
+
+def test_meta_from_engine_gives_each_cases_metadata_of_the_key():
+    batch = [
+        {"image": MetaTensor(torch.zeros(1, 2), meta={"filename_or_obj": f"{c}.nii.gz"}), "label": torch.ones(1)}
+        for c in "ab"
+    ]
+    metas = meta_from_engine("image")(batch)
+    assert [m["filename_or_obj"] for m in metas] == ["a.nii.gz", "b.nii.gz"]
+    with pytest.raises(KeyError):
+        meta_from_engine("mri")(batch)
