@@ -226,7 +226,9 @@ def _raise_problems(data_dir: str, problems: list[DataError]) -> None:
         raise DataError(data_dir, f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
 
 
-def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, data_dir: str | None = None) -> None:
+def validate_datalist_no_leak(
+    datalist: Mapping[str, Any] | str | os.PathLike, data_dir: str | None = None, missing_ok: bool = False
+) -> None:
     """Raise :class:`~common.errors.DataError` if evaluation data could leak into training.
 
     Checked for every layout: no group (the layout's ``group_key``: case, or subject for ``adni_pairs``) is in
@@ -238,10 +240,14 @@ def validate_datalist_no_leak(datalist: Mapping[str, Any] | str | os.PathLike, d
     Args:
         datalist: the datalist dict, or the path of its JSON file (then named in the error).
         data_dir: the dataset folder, to look for masks on disk.
+        missing_ok: when ``datalist`` is a path with no file, check nothing (MONAI Label trains with the data as
+            overrides and no datalist); otherwise a missing file is an error.
     """
     name = "datalist"
     if not isinstance(datalist, Mapping):
         name = os.fspath(datalist)
+        if missing_ok and not os.path.isfile(name):
+            return
         try:
             with open(name) as f:
                 datalist = json.load(f)

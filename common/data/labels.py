@@ -28,9 +28,9 @@ MSD stores one 4D file per case with channels FLAIR, T1w, T1gd, T2w; :class:`Reo
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import reduce
+from functools import partial, reduce
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,9 @@ __all__ = [
     "check_label_values",
     "get_label_convention",
     "labels_to_regions",
+    "region_names_of",
     "regions_to_labels",
+    "select_regions",
 ]
 
 #: Output channel order of every brain tumour network in the collection.
@@ -101,6 +103,21 @@ LABEL_CONVENTIONS: dict[str, LabelConvention] = {
     "brats2023": LabelConvention("brats2023", core=1, edema=2, enhancing=3),
     "msd_task01": LabelConvention("msd_task01", core=2, edema=1, enhancing=3),
 }
+
+
+def region_names_of(channels: Sequence[int]) -> list[str]:
+    """The names (:data:`REGION_NAMES`) of the region channels ``channels`` keeps, e.g. ``[1] -> ["WT"]``."""
+    return [REGION_NAMES[i] for i in channels]
+
+
+def select_regions(channels: Sequence[int]) -> Callable[[NdarrayOrTensor], NdarrayOrTensor]:
+    """A function for MONAI's ``Lambdad``: regions ``(3, *spatial)`` (:data:`REGION_NAMES` order) -> the channels
+    ``channels``, ``(len(channels), *spatial)``, same type and meta data (picklable, for DataLoader workers)."""
+    return partial(_select_channels, channels=list(channels))
+
+
+def _select_channels(regions: NdarrayOrTensor, channels: list[int]) -> NdarrayOrTensor:
+    return regions[channels]
 
 
 def get_label_convention(convention: str | LabelConvention) -> LabelConvention:

@@ -42,6 +42,8 @@ __all__ = [
     "PseudoMaskd",
     "SliceBurdend",
     "attach_pseudo_masks",
+    "classes_by_case",
+    "healthy_category_key",
     "hu_window_mask",
     "load_slice_classes",
     "otsu_lung_window",
@@ -50,6 +52,7 @@ __all__ = [
     "save_slice_classes",
     "slice_burden",
     "slice_classes",
+    "slice_classes_grid",
 ]
 
 #: file name postfix of the pseudo-mask NIfTIs: ``<case>_pseudo.nii.gz``.
@@ -392,6 +395,24 @@ def load_slice_classes(path: str | os.PathLike, grid: Sequence[int] | None = Non
             "run the pseudo-mask stage with the same roi_size",
         )
     return content
+
+
+def slice_classes_grid(slice_classes: Mapping[str, Any] | None, default: Sequence[int]) -> Sequence[int]:
+    """The grid ``(D, H, W)`` the slice classes (:func:`load_slice_classes`) were computed on, or ``default``
+    without them (MONAI Label trains on annotated studies: no pseudo-mask stage, the inference grid)."""
+    return slice_classes["grid"] if slice_classes else default
+
+
+def classes_by_case(slice_classes: Mapping[str, Any] | None) -> dict[str, list[int]] | None:
+    """``{case: [class per slice]}`` from the slice classes (:func:`load_slice_classes`), as
+    :class:`~common.data.slices.VolumeSliceDataset` takes them; None without slice classes."""
+    return {case: v["class"] for case, v in slice_classes["cases"].items()} if slice_classes else None
+
+
+def healthy_category_key(empty_mask_for_healthy: bool, key: str = "category") -> str | None:
+    """:class:`PseudoMaskd`'s ``healthy_key``: ``key`` when the studies of a healthy category get an empty mask,
+    None when every study gets the generator's pseudo mask."""
+    return key if empty_mask_for_healthy else None
 
 
 def attach_pseudo_masks(

@@ -23,11 +23,28 @@ from torch.utils.data import Dataset, Sampler
 
 from common.errors import DataError
 
-__all__ = ["BalancedClassBatchSampler", "VolumeSliceDataset"]
+__all__ = ["BalancedClassBatchSampler", "VolumeSliceDataset", "in_plane_size", "samples_per_volume", "volume_roi_size"]
 
 
 def _plain(x: Any) -> Any:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def volume_roi_size(roi_size: Sequence[int], depth: int) -> list[int]:
+    """The 3D spatial size of a transform on the volume for a network of ``roi_size``: a 2D ``(H, W)`` roi (a
+    network on axial slices) gets ``depth`` as its last axis (``-1``: the whole depth, for ``Resized``; ``1``: one
+    slice, for a crop); a 3D roi is the size itself."""
+    return list(roi_size) + [depth] if len(roi_size) == 2 else list(roi_size)
+
+
+def samples_per_volume(roi_size: Sequence[int], slices_per_volume: int) -> int:
+    """How many crops to take per volume: ``slices_per_volume`` slices for a 2D ``roi_size``, one 3D crop else."""
+    return slices_per_volume if len(roi_size) == 2 else 1
+
+
+def in_plane_size(roi_size: Sequence[int]) -> list[int]:
+    """The ``(H, W)`` of a ``(D, H, W)`` roi: the ``roi_size`` of MONAI's ``SliceInferer`` with ``spatial_dim=0``."""
+    return list(roi_size[1:])
 
 
 class VolumeSliceDataset(Dataset):

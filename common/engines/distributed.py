@@ -32,8 +32,10 @@ __all__ = [
     "init_distributed",
     "is_rank_zero",
     "local_rank_device",
+    "on_cuda",
     "on_rank_zero",
     "rank_zero_handlers",
+    "set_cpu_threads",
 ]
 
 
@@ -45,6 +47,18 @@ def default_device() -> torch.device:
 def local_rank_device() -> torch.device:
     """``cuda:<LOCAL_RANK>`` (torchrun's variable) when CUDA is available, else the CPU: one GPU per process."""
     return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+
+
+def on_cuda(device: torch.device | str, cuda_value: Any, cpu_value: Any) -> Any:
+    """``cuda_value`` when ``device`` is a CUDA device, else ``cpu_value``: a setting that depends on the device
+    (e.g. how many diffusion samples one network call takes: ``"$on_cuda(@device, 64, 2)"``)."""
+    return cuda_value if str(device).startswith("cuda") else cpu_value
+
+
+def set_cpu_threads(num_threads: int | None) -> None:
+    """``torch.set_num_threads(num_threads)``; nothing when ``num_threads`` is None or 0 (torch's default stays)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
 
 
 def distributed_backend() -> str:

@@ -138,6 +138,17 @@ def _meta_of(batch: Sequence[Mapping[str, Any]], key: str) -> list[dict]:
     return [case[key].meta for case in batch]
 
 
+def output_items(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """An ``output_transform``: an engine's output dict -> its items ``keys``, e.g. the losses a ``StatsHandler``
+    or ``TensorBoardStatsHandler`` logs as scalars, one per key (``monai.handlers.from_engine`` gives a tuple,
+    which they do not log)."""
+    return functools.partial(_items_of, keys=tuple(keys))
+
+
+def _items_of(output: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: output[k] for k in keys}
+
+
 def _nanmean(arr: np.ndarray) -> float | None:
     finite = arr[np.isfinite(arr)]
     return float(finite.mean()) if finite.size else None

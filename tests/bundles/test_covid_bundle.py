@@ -41,7 +41,7 @@ def test_stages_that_share_a_network_define_it_alike():
     )
     # the TransUNet stages read their grid from the pseudo-mask stage's slice classes; trained by MONAI Label on
     # annotated studies (no datalist, no slice classes) the TransUNet uses the inference grid
-    assert config("train.json")["roi_size"] == "$@slice_classes['grid'] if @slice_classes else @default_roi_size"
+    assert config("train.json")["roi_size"] == "$slice_classes_grid(@slice_classes, @default_roi_size)"
     assert config("train.json")["default_roi_size"] == config("inference.json")["roi_size"]
 
 

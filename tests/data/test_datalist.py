@@ -244,6 +244,11 @@ def test_validate_datalist_no_leak(tmp_path):
         DataError, match=rf"^{path}: .*case {twice['training'][0]['case']} is in both training and testing"
     ):
         validate_datalist_no_leak(path)
+    validate_datalist_no_leak(tmp_path / "none.json", tmp_path, missing_ok=True)  # MONAI Label: no datalist
+    with pytest.raises(DataError, match="none.json: not a readable datalist"):
+        validate_datalist_no_leak(tmp_path / "none.json", tmp_path)
+    with pytest.raises(DataError, match="is in both training and testing"):  # a file that is there is checked
+        validate_datalist_no_leak(path, missing_ok=True)
 
 
 def test_adni_layout_split_by_subject(tmp_path):

@@ -18,7 +18,9 @@ from common.data.labels import (
     check_binary_mask,
     check_label_values,
     labels_to_regions,
+    region_names_of,
     regions_to_labels,
+    select_regions,
 )
 from common.errors import DataError
 
@@ -171,3 +173,13 @@ def test_reorder_channels_none_is_identity():
     img = torch.arange(4 * 2 * 2 * 2, dtype=torch.float32).reshape(4, 2, 2, 2)
     out = ReorderChannelsd(keys="image", order=None)({"image": img})["image"]
     assert torch.equal(out, img)
+
+
+def test_region_names_and_select_regions():
+    assert region_names_of([1]) == ["WT"]
+    assert region_names_of([2, 0]) == ["ET", "TC"]
+    regions = MetaTensor(torch.arange(3 * 2 * 2).reshape(3, 2, 2), meta={"filename_or_obj": "a.nii.gz"})
+    wt = select_regions([1])(regions)
+    assert wt.shape == (1, 2, 2) and torch.equal(wt[0], regions[1]) and wt.meta["filename_or_obj"] == "a.nii.gz"
+    assert torch.equal(select_regions([2, 0])(regions), regions[[2, 0]])
+    np.testing.assert_array_equal(select_regions((0,))(regions.numpy()), regions.numpy()[:1])

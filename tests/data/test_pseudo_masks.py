@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.pseudo_masks import pseudo_mask, residual_map, slice_burden, slice_classes
+from common.data.pseudo_masks import (
+    classes_by_case,
+    healthy_category_key,
+    pseudo_mask,
+    residual_map,
+    slice_burden,
+    slice_classes,
+    slice_classes_grid,
+)
 
 SHAPE = (8, 32, 32)
 
@@ -147,6 +155,19 @@ def test_slice_classes_file_round_trip_and_grid_check(tmp_path):
         load_slice_classes(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="slice burdens for a grid"):
         save_slice_classes(path, {"a": np.zeros(3)}, grid=(4, 8, 8))
+    # what the TransUNet configs take from the file: its grid and, per case, the class of each slice
+    assert slice_classes_grid(content, [32, 128, 128]) == [4, 8, 8]
+    assert classes_by_case(content) == {c: content["cases"][c]["class"] for c in ("a", "b")}
+    assert len(classes_by_case(content)["b"]) == 4
+    # without slice classes (MONAI Label: no pseudo-mask stage): the default grid, no classes
+    assert slice_classes_grid(None, [32, 128, 128]) == [32, 128, 128]
+    assert classes_by_case(None) is None
+
+
+def test_healthy_category_key():
+    assert healthy_category_key(True) == "category"
+    assert healthy_category_key(True, "cat") == "cat"
+    assert healthy_category_key(False) is None
 
 
 def test_attach_pseudo_masks_names_missing_studies(tmp_path):

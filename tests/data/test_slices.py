@@ -7,7 +7,13 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from common.data.slices import BalancedClassBatchSampler, VolumeSliceDataset
+from common.data.slices import (
+    BalancedClassBatchSampler,
+    VolumeSliceDataset,
+    in_plane_size,
+    samples_per_volume,
+    volume_roi_size,
+)
 from common.errors import DataError
 
 
@@ -84,3 +90,15 @@ def test_balanced_sampler_shards_ranks_in_step_and_recycles_a_small_class():
 
 def labels_count(batch: list[int], labels: np.ndarray) -> tuple[int, int]:
     return int((labels[batch] == 1).sum()), int((labels[batch] == 0).sum())
+
+
+def test_roi_sizes_of_a_2d_or_3d_network():
+    # a 2D (H, W) network on axial slices: the volume is resized in-plane over its whole depth, cropped slice-wise
+    assert volume_roi_size((256, 256), -1) == [256, 256, -1]
+    assert volume_roi_size([256, 256], 1) == [256, 256, 1]
+    assert samples_per_volume([256, 256], 4) == 4
+    # a 3D network: the roi itself, one crop per volume
+    assert volume_roi_size((96, 96, 64), -1) == volume_roi_size((96, 96, 64), 1) == [96, 96, 64]
+    assert samples_per_volume([96, 96, 64], 4) == 1
+    # SliceInferer along the first axis of a (D, H, W) grid
+    assert in_plane_size([32, 128, 96]) == [128, 96]

@@ -18,8 +18,10 @@ from common.engines.distributed import (
     init_distributed,
     is_rank_zero,
     local_rank_device,
+    on_cuda,
     on_rank_zero,
     rank_zero_handlers,
+    set_cpu_threads,
 )
 
 
@@ -115,3 +117,19 @@ def test_init_and_finalize_a_process_group(monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_on_cuda_and_set_cpu_threads():
+    assert on_cuda(torch.device("cuda:1"), 64, 2) == 64
+    assert on_cuda("cuda", 64, 2) == 64
+    assert on_cuda(torch.device("cpu"), 64, 2) == 2
+    threads = torch.get_num_threads()
+    try:
+        other = 2 if threads != 2 else 1
+        set_cpu_threads(other)
+        assert torch.get_num_threads() == other
+        set_cpu_threads(None)  # the default: torch's own
+        set_cpu_threads(0)
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(threads)

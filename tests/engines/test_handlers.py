@@ -14,7 +14,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.handlers import MetricsSaver, from_engine
 
-from common.engines.handlers import MetricsSummaryJSON, SegmentationMetricsHandler, meta_from_engine
+from common.engines.handlers import MetricsSummaryJSON, SegmentationMetricsHandler, meta_from_engine, output_items
 from common.metrics.segmentation import METRIC_NAMES, hd95, lesion_wise, surface_dice
 
 
@@ -89,3 +89,10 @@ def test_meta_from_engine_gives_each_cases_metadata_of_the_key():
     assert [m["filename_or_obj"] for m in metas] == ["a.nii.gz", "b.nii.gz"]
     with pytest.raises(KeyError):
         meta_from_engine("mri")(batch)
+
+
+def test_output_items_keeps_the_named_losses():
+    output = {"loss": 1.0, "g_loss": 1.0, "d_loss": 0.5, "fake": torch.zeros(2)}
+    assert output_items(["g_loss", "d_loss"])(output) == {"g_loss": 1.0, "d_loss": 0.5}
+    with pytest.raises(KeyError):
+        output_items(["recon_loss"])(output)
