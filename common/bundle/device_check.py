@@ -10,7 +10,7 @@ the CPU with tiny sizes (``device="cpu", tiny=True``), which is how it is tested
 2. For each bundle, in parallel (one thread each; the stages are ``python -m monai.bundle run`` subprocesses):
    its training stages with ``amp=True`` on the pipeline's ``demo`` sizes (``test`` when tiny) for one epoch (the
    test profile's schedule), then its inference stage on the same data and on a full-size synthetic volume of its
-   layout (:data:`common.data.synthetic.write.DEFAULT_SHAPES`, written while the bundles train), the outputs
+   layout (its ``synthetic_shape`` in :mod:`common.data.layouts`, written while the bundles train), the outputs
    checked against the inputs' shape and affine (:func:`common.bundle.checks.check_inference_outputs`).
 3. :func:`common.benchmarks.speed.run_benchmark` on ``benchmark_networks`` with ``benchmark_switches``.
 4. ``<out_dir>/gpu_check.md`` and ``gpu_check.json``: everything above, failures with the end of their logs.
@@ -228,7 +228,7 @@ def run_device_check(
     from common.benchmarks.speed import NETWORKS, run_benchmark
     from common.bundle.main_job import discover_bundles
     from common.bundle.pipeline import load_pipeline, prepare_data
-    from common.data.synthetic.write import DEFAULT_SHAPES
+    from common.data.layouts import get_layout
     from common.io import atomic_path
 
     start = time.perf_counter()
@@ -246,8 +246,8 @@ def run_device_check(
                 _write_full_dataset,
                 layout,
                 os.path.join(out_dir, "full_data", layout),
-                _full_cases(data, tiny, DEFAULT_SHAPES[layout]),
-                list(data["test"]["shape"]) if tiny else list(DEFAULT_SHAPES[layout]),
+                _full_cases(data, tiny, get_layout(layout).synthetic_shape),
+                list(data["test"]["shape"]) if tiny else list(get_layout(layout).synthetic_shape),
             )
             for layout, data in data_specs.items()
         }
