@@ -192,14 +192,14 @@ class ContrastiveSegmentationTrainer(SupervisedTrainer):
                 embedding = module.embed(images)
             loss = engine.contrastive_weight * engine.contrastive_loss_function(embedding.float(), classes)
             if engine.amp and engine.scaler is not None:
-                engine.scaler.scale(loss).backward()
+                _backward(engine.scaler.scale(loss), module, ddp)
                 if ddp:
                     engine.scaler.unscale_(engine.optimizer)
                     _average_gradients(module)
                 engine.scaler.step(engine.optimizer)
                 engine.scaler.update()
             else:
-                loss.backward()
+                _backward(loss, module, ddp)
                 if ddp:
                     _average_gradients(module)
                 engine.optimizer.step()
@@ -212,6 +212,22 @@ class ContrastiveSegmentationTrainer(SupervisedTrainer):
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
         engine.state.metrics["contrastive_loss"] = total / steps
+
+
+def _backward(loss: torch.Tensor, module: nn.Module, ddp: bool) -> None:
+    """``loss.backward()``; under DDP through ``torch.autograd.grad`` instead, written to ``.grad``.
+
+    ``embed`` bypasses DDP's ``forward``, so DDP's reducer was not prepared for this backward: its per-parameter
+    hooks, which fire when ``backward`` accumulates into ``.grad``, would all-reduce undefined gradients (a
+    RuntimeError). ``autograd.grad`` does not run those hooks; parameters ``embed`` does not use keep ``grad=None``.
+    """
+    if not ddp:
+        loss.backward()
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _average_gradients(module: nn.Module) -> None:

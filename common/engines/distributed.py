@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 
@@ -83,10 +84,15 @@ def init_distributed(backend: str, device: torch.device) -> None:
 
 
 def finalize_distributed() -> None:
-    """Wait for every rank, then leave the process group; nothing when there is none (a single process)."""
+    """Wait for every rank, then leave the process group; nothing when there is none (a single process).
+
+    ignite's computation model (``ignite.distributed``, which MONAI's metrics use to gather results) is re-synced,
+    so that it does not keep referring to the destroyed group.
+    """
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        idist.sync()
 
 
 def is_rank_zero() -> bool:

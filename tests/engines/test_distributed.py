@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import ignite.distributed as idist
 import pytest
 import torch
 import torch.distributed as dist
@@ -117,6 +118,7 @@ def test_init_and_finalize_a_process_group(monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        idist.sync()  # ignite's model must not outlive the group (MONAI's metrics gather through it)
 
 
 def test_on_cuda_and_set_cpu_threads():
