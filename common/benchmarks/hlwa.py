@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from common.benchmarks.budget import cached_run, train_with_budget
-from common.benchmarks.report import bundle_train_parser, write_report
+from common.benchmarks.report import bundle_train_parser, model_names, write_report
 from common.io import atomic_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,12 +87,7 @@ class ProtocolError(ValueError):
 
 def check_models(models) -> list[str]:
     """The model names to train, validated: known names, no repeats, ``hlwa`` and both baselines included."""
-    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a model is listed twice: {names}")
+    names = model_names(models, MODELS)
     missing = [m for m in ("hlwa", *BASELINES) if m not in names]
     if missing:
         raise ValueError(f"the models must include {missing}: the report compares hlwa with {', '.join(BASELINES)}")

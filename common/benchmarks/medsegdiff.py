@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from common.benchmarks.budget import cached_run, train_with_budget
-from common.benchmarks.report import bundle_train_parser, write_report
+from common.benchmarks.report import bundle_train_parser, model_names, write_report
 from common.io import atomic_path
 
 BUNDLE = os.path.join(
@@ -126,12 +126,7 @@ class BatchFingerprint:
 
 def check_models(models) -> list[str]:
     """The model names to train, validated: known names, no repeats, ``medsegdiff`` included."""
-    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}: choose from {sorted(MODELS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a model is listed twice: {names}")
+    names = model_names(models, MODELS)
     if "medsegdiff" not in names:
         raise ValueError("the models must include 'medsegdiff' (the bundle's default, the sampler comparison's model)")
     return names

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from common.io import atomic_path
@@ -53,3 +54,15 @@ def write_report(work_dir: str, name: str, results: dict[str, Any], table: str) 
     with atomic_path(md_path) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     return json_path, md_path
+
+
+def model_names(models: str | Sequence[str], known: Iterable[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``; ``ValueError`` on a name not in ``known`` or a repeated one."""
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models) if str(m).strip()]
+    known = set(known)
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: choose from {sorted(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model is listed twice: {names}")
+    return names
